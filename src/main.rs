@@ -1,0 +1,132 @@
+//! The `flotilla` binary: flags, logging, signals. Everything else is in the library.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use flotilla::config::{Config, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "An externalgrpc cloud provider for the Kubernetes cluster-autoscaler")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the externalgrpc protocol (and health/metrics over HTTP).
+    Serve {
+        /// Configuration file; without it, the embedded simulated cloud.
+        #[arg(long, short, env = "FLOTILLA_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and list every problem in it.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Call one RPC of a running server by hand.
+    Ctl {
+        #[command(flatten)]
+        target: flotilla::ctl::Target,
+        #[command(subcommand)]
+        command: flotilla::ctl::Command,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> Result<(Config, Vec<flotilla::driver::SharedDriver>), flotilla::config::Problems> {
+    let config = match path {
+        Some(p) => Config::load(p)?,
+        None => Config::embedded(),
+    };
+    let drivers = flotilla::build_drivers(&config)?;
+    Ok((config, drivers))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let (config, drivers) = match load(config.as_ref()) {
+                Ok(x) => x,
+                Err(problems) => {
+                    eprint!("{problems}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(config.log.format, &config.log.level);
+            tracing::info!(source = %config.source, cluster = %config.cluster_name, "configuration loaded");
+            let mut running = match flotilla::start(config, drivers).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = tokio::select! {
+                _ = shutdown_signal() => {
+                    tracing::info!("signal received, shutting down");
+                    running.stop().await
+                }
+                r = running.wait() => r,
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "server failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { config } => match load(Some(&config)) {
+            Ok((c, _)) => {
+                println!("{}: ok ({} clouds, {} node groups)", c.source, c.clouds.len(), c.groups.len());
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                eprint!("{problems}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Ctl { target, command } => match flotilla::ctl::run(&target, command).await {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                match e.downcast_ref::<tonic::Status>() {
+                    Some(s) => eprintln!("error: {:?}: {}", s.code(), s.message()),
+                    None => eprintln!("error: {e}"),
+                }
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

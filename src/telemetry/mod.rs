@@ -1,0 +1,4 @@
+//! Metrics, health and readiness, and the HTTP endpoint that serves them.
+
+pub mod http;
+pub mod metrics;
