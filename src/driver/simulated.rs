@@ -88,6 +88,8 @@ pub struct Simulated {
     store: Mutex<Store>,
     /// Creates attempted so far (for `fail_every`).
     creates: Mutex<u64>,
+    /// Creates running now, and the most ever seen at once.
+    concurrency: Mutex<(usize, usize)>,
     faults: Mutex<Faults>,
 }
 
@@ -114,6 +116,7 @@ impl Simulated {
             settings,
             store: Mutex::new(store),
             creates: Mutex::new(0),
+            concurrency: Mutex::new((0, 0)),
             faults: Mutex::new(Faults::default()),
         })
     }
@@ -141,6 +144,11 @@ impl Simulated {
             },
         );
         self.persist(&store);
+    }
+
+    /// The most creates that were ever running at once.
+    pub fn peak_concurrent_creates(&self) -> usize {
+        lock(&self.concurrency).1
     }
 
     /// Names of every machine in the simulated cloud, any cluster.
@@ -213,7 +221,13 @@ impl Driver for Simulated {
     }
 
     async fn create(&self, group: &str, name: &str) -> Result<Machine> {
+        {
+            let mut c = lock(&self.concurrency);
+            c.0 += 1;
+            c.1 = c.1.max(c.0);
+        }
         tokio::time::sleep(self.settings.create_latency).await;
+        lock(&self.concurrency).0 -= 1;
         self.check_outage()?;
         if let Some(e) = self.injected_failure() {
             return Err(e);
