@@ -96,6 +96,29 @@ impl Running {
     }
 }
 
+/// Reads a configuration file (or the embedded default) and builds its drivers, listing every
+/// problem of the core and of every driver at once.
+pub fn load(path: Option<&std::path::Path>) -> Result<(Config, Vec<SharedDriver>), config::Problems> {
+    let (config, mut problems) = match path {
+        None => (Some(Config::embedded()), config::Problems::default()),
+        Some(path) => {
+            let source = path.display().to_string();
+            let base_dir = path.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            match std::fs::read_to_string(path) {
+                Ok(text) => Config::parse_partial(&text, &source, &base_dir),
+                Err(e) => {
+                    let mut p = config::Problems::new(source, base_dir);
+                    p.push("", format!("cannot read the file: {e}"));
+                    (None, p)
+                }
+            }
+        }
+    };
+    let Some(config) = config else { return Err(problems) };
+    let drivers = driver::build(&config, &mut problems);
+    if problems.is_empty() { Ok((config, drivers)) } else { Err(problems) }
+}
+
 /// Builds the drivers the configuration names.
 pub fn build_drivers(config: &Config) -> Result<Vec<SharedDriver>, config::Problems> {
     let mut problems = config::Problems::new(config.source.clone(), config.base_dir.clone());
@@ -167,10 +190,10 @@ pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running
             shutdown.cancel();
             let _ = reconciler.await;
             let _ = health.await;
-            if let Some(http) = http {
-                if let Ok(Err(e)) = http.await {
-                    warn!(error = %e, "HTTP server failed");
-                }
+            if let Some(http) = http
+                && let Ok(Err(e)) = http.await
+            {
+                warn!(error = %e, "HTTP server failed");
             }
             let tasks = fleet.tasks();
             tasks.close();

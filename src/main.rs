@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use flotilla::config::{Config, LogFormat};
+use flotilla::config::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "An externalgrpc cloud provider for the Kubernetes cluster-autoscaler")]
@@ -45,15 +45,6 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-fn load(path: Option<&PathBuf>) -> Result<(Config, Vec<flotilla::driver::SharedDriver>), flotilla::config::Problems> {
-    let config = match path {
-        Some(p) => Config::load(p)?,
-        None => Config::embedded(),
-    };
-    let drivers = flotilla::build_drivers(&config)?;
-    Ok((config, drivers))
-}
-
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -74,7 +65,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
-            let (config, drivers) = match load(config.as_ref()) {
+            let (config, drivers) = match flotilla::load(config.as_deref()) {
                 Ok(x) => x,
                 Err(problems) => {
                     eprint!("{problems}");
@@ -105,7 +96,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match load(Some(&config)) {
+        Command::CheckConfig { config } => match flotilla::load(Some(&config)) {
             Ok((c, _)) => {
                 println!("{}: ok ({} clouds, {} node groups)", c.source, c.clouds.len(), c.groups.len());
                 ExitCode::SUCCESS

@@ -445,7 +445,7 @@ async fn get_options_overrides_only_what_is_configured_and_is_unimplemented_othe
         scale_down_unready_duration: Some(prost_types::Duration { seconds: 1200, nanos: 0 }),
         ..Default::default()
     };
-    let ask = |id: &str| pb::NodeGroupAutoscalingOptionsRequest { id: id.into(), defaults: Some(defaults.clone()) };
+    let ask = |id: &str| pb::NodeGroupAutoscalingOptionsRequest { id: id.into(), defaults: Some(defaults) };
     let o = c.node_group_get_options(ask("small")).await.unwrap().into_inner().node_group_autoscaling_options.unwrap();
     assert_eq!(o.scale_down_utilization_threshold, 0.7);
     assert_eq!(o.scale_down_unneeded_duration.unwrap().seconds, 30);

@@ -193,20 +193,6 @@ impl OptionsConfig {
 }
 
 impl Config {
-    /// Reads and checks a configuration file.
-    pub fn load(path: &Path) -> Result<Config, Problems> {
-        let source = path.display().to_string();
-        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text, &source, &base_dir),
-            Err(e) => {
-                let mut p = Problems::new(source, base_dir);
-                p.push("", format!("cannot read the file: {e}"));
-                Err(p)
-            }
-        }
-    }
-
     /// The embedded default (the simulated cloud).
     pub fn embedded() -> Config {
         Config::parse(EMBEDDED_DEFAULT, "<embedded simulated.toml>", Path::new("."))
@@ -215,24 +201,30 @@ impl Config {
 
     /// Parses and checks configuration text; `source` names it in messages.
     pub fn parse(text: &str, source: &str, base_dir: &Path) -> Result<Config, Problems> {
+        let (config, problems) = Config::parse_partial(text, source, base_dir);
+        match config {
+            Some(c) if problems.is_empty() => Ok(c),
+            _ => Err(problems),
+        }
+    }
+
+    /// Parses as much as it can: the configuration (with placeholders where values were bad)
+    /// whenever the text is TOML at all, and every problem found. Lets drivers check their own
+    /// keys even when core keys are wrong, so one run lists everything.
+    pub fn parse_partial(text: &str, source: &str, base_dir: &Path) -> (Option<Config>, Problems) {
         let mut p = Problems::new(source, base_dir);
         let raw: toml::Table = match text.parse() {
             Ok(t) => t,
             Err(e) => {
                 p.push("", format!("not valid TOML: {}", e.message()));
-                return Err(p);
+                return (None, p);
             }
         };
-        let config = parse_root(&raw, &mut p);
-        match config {
-            Some(mut c) if p.is_empty() => {
-                c.source = source.to_owned();
-                c.raw = raw;
-                c.base_dir = base_dir.to_owned();
-                Ok(c)
-            }
-            _ => Err(p),
-        }
+        let mut config = parse_root(&raw, &mut p);
+        config.source = source.to_owned();
+        config.raw = raw;
+        config.base_dir = base_dir.to_owned();
+        (Some(config), p)
     }
 
     pub fn group(&self, name: &str) -> Option<&GroupConfig> {
@@ -240,13 +232,11 @@ impl Config {
     }
 }
 
-fn parse_root(raw: &toml::Table, p: &mut Problems) -> Option<Config> {
+fn parse_root(raw: &toml::Table, p: &mut Problems) -> Config {
     let mut root = Section::new("", raw);
     let cluster_name = root.required_string("cluster_name", p);
-    if let Some(name) = &cluster_name {
-        if !is_dns_label(name) {
-            p.push("cluster_name", "must be a DNS label: lower-case letters, digits and '-', at most 40 characters");
-        }
+    if cluster_name.as_deref().is_some_and(|name| !is_dns_label(name)) {
+        p.push("cluster_name", "must be a DNS label: lower-case letters, digits and '-', at most 40 characters");
     }
 
     let server = parse_server(root.section("server", p), p);
@@ -283,18 +273,18 @@ fn parse_root(raw: &toml::Table, p: &mut Problems) -> Option<Config> {
     }
     root.finish(p);
 
-    Some(Config {
+    Config {
         source: String::new(),
-        cluster_name: cluster_name?,
-        server: server?,
-        log: log?,
+        cluster_name: cluster_name.unwrap_or_default(),
+        server,
+        log,
         state,
         gpu,
         clouds,
         groups,
         raw: toml::Table::new(),
         base_dir: Default::default(),
-    })
+    }
 }
 
 /// Kubernetes DNS-1123 label, kept short so generated names stay under 63 characters.
@@ -306,18 +296,15 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn parse_addr(s: &mut Section<'_>, key: &'static str, default: &str, p: &mut Problems) -> Option<SocketAddr> {
+fn parse_addr(s: &mut Section<'_>, key: &'static str, default: &str, p: &mut Problems) -> SocketAddr {
     let text = s.string(key, p).unwrap_or_else(|| default.to_owned());
-    match text.parse() {
-        Ok(a) => Some(a),
-        Err(_) => {
-            p.push(s.key_path(key), format!("{text:?} is not an address like 127.0.0.1:8086"));
-            None
-        }
-    }
+    text.parse().unwrap_or_else(|_| {
+        p.push(s.key_path(key), format!("{text:?} is not an address like 127.0.0.1:8086"));
+        default.parse().expect("defaults are valid addresses")
+    })
 }
 
-fn parse_server(section: Option<Section<'_>>, p: &mut Problems) -> Option<ServerConfig> {
+fn parse_server(section: Option<Section<'_>>, p: &mut Problems) -> ServerConfig {
     let empty = toml::Table::new();
     let mut s = section.unwrap_or_else(|| Section::new("server", &empty));
     let grpc_listen = parse_addr(&mut s, "grpc_listen", "127.0.0.1:8086", p);
@@ -356,23 +343,23 @@ fn parse_server(section: Option<Section<'_>>, p: &mut Problems) -> Option<Server
         Some(TlsConfig { cert_file: cert_file?, key_file: key_file?, client_ca_file: client_ca_file? })
     });
     s.finish(p);
-    Some(ServerConfig { grpc_listen: grpc_listen?, http_listen, tls, shutdown_grace })
+    ServerConfig { grpc_listen, http_listen, tls, shutdown_grace }
 }
 
-fn parse_log(section: Option<Section<'_>>, p: &mut Problems) -> Option<LogConfig> {
+fn parse_log(section: Option<Section<'_>>, p: &mut Problems) -> LogConfig {
     let empty = toml::Table::new();
     let mut s = section.unwrap_or_else(|| Section::new("log", &empty));
     let format = match s.string("format", p).as_deref() {
-        None | Some("text") => Some(LogFormat::Text),
-        Some("json") => Some(LogFormat::Json),
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
         Some(other) => {
             p.push("log.format", format!("{other:?} is not one of \"text\", \"json\""));
-            None
+            LogFormat::Text
         }
     };
     let level = s.string("level", p).unwrap_or_else(|| "info".to_owned());
     s.finish(p);
-    Some(LogConfig { format: format?, level })
+    LogConfig { format, level }
 }
 
 fn parse_state(section: Option<Section<'_>>, p: &mut Problems) -> StateConfig {
@@ -443,10 +430,8 @@ fn parse_group(
     if min_size < 0 {
         p.push(s.key_path("min_size"), "must not be negative");
     }
-    if let Some(max) = max_size {
-        if max < min_size {
-            p.push(s.key_path("max_size"), format!("{max} is below min_size {min_size}"));
-        }
+    if let Some(max) = max_size.filter(|max| *max < min_size) {
+        p.push(s.key_path("max_size"), format!("{max} is below min_size {min_size}"));
     }
     let name_prefix = s.string("name_prefix", p).unwrap_or_else(|| format!("{cluster}-{name}"));
     if !is_dns_label(&name_prefix) && p.items.iter().all(|i| i.path != "cluster_name") {
