@@ -64,7 +64,10 @@ async fn main() {
     let started = Instant::now();
     for g in 0..GROUPS {
         client
-            .node_group_increase_size(pb::NodeGroupIncreaseSizeRequest { id: format!("g{g:03}"), delta: PER_GROUP as i32 })
+            .node_group_increase_size(pb::NodeGroupIncreaseSizeRequest {
+                id: format!("g{g:03}"),
+                delta: PER_GROUP as i32,
+            })
             .await
             .unwrap();
     }

@@ -518,3 +518,51 @@ async fn cleanup_does_not_abandon_creates_in_flight() {
     support::wait_running(&c, "small", 2, LONG).await;
     server.stop().await.unwrap();
 }
+
+// === shutdown, several clouds ===
+
+#[tokio::test]
+async fn shutdown_waits_for_creates_in_flight() {
+    let (server, mut c, sim) = start_with_handle("create_latency = \"300ms\"").await;
+    increase(&mut c, "small", 3).await.unwrap();
+    server.stop().await.unwrap();
+    assert_eq!(sim.machine_names().len(), 3, "every accepted create finished before the server stopped");
+}
+
+#[tokio::test]
+async fn one_server_serves_groups_on_several_clouds_with_one_listing_each() {
+    let (server, mut c) = support::start(
+        r#"
+cluster_name = "t"
+[clouds.onprem]
+driver = "simulated"
+quota = 1
+[clouds.burst]
+driver = "simulated"
+[groups.base]
+cloud = "onprem"
+max_size = 3
+[groups.overflow]
+cloud = "burst"
+max_size = 3
+provider_id = "burst://{region}/{name}"
+"#,
+    )
+    .await;
+    increase(&mut c, "base", 1).await.unwrap();
+    increase(&mut c, "overflow", 2).await.unwrap();
+    support::wait_running(&c, "base", 1, LONG).await;
+    let ids = support::wait_running(&c, "overflow", 2, LONG).await;
+    assert!(ids.iter().all(|id| id.starts_with("burst://burst/t-overflow-")), "{ids:?}");
+    let before = [
+        server.metrics.driver_calls("onprem", "simulated", "list"),
+        server.metrics.driver_calls("burst", "simulated", "list"),
+    ];
+    refresh(&mut c).await.unwrap();
+    let after = [
+        server.metrics.driver_calls("onprem", "simulated", "list"),
+        server.metrics.driver_calls("burst", "simulated", "list"),
+    ];
+    assert_eq!([after[0] - before[0], after[1] - before[1]], [1, 1]);
+    server.stop().await.unwrap();
+}
