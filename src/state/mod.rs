@@ -723,16 +723,19 @@ impl Fleet {
         }
         let mut retry_deletes = Vec::new();
         let mut inner = self.write();
+        let Inner { groups, index } = &mut *inner;
         for &g in &cloud.groups {
             let listed = by_group.remove(&g).unwrap_or_default();
-            let state = &mut inner.groups[g];
+            let state = &mut groups[g];
             state.tombstones.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
             let mut old = std::mem::take(&mut state.entries);
-            let tombstones = std::mem::take(&mut state.tombstones);
+            for e in old.values() {
+                index.remove(&e.provider_id);
+            }
             let mut fresh = BTreeMap::new();
             for m in listed {
                 let provider_id = self.provider_id(g, &m.name, Some(&m.id));
-                if tombstones.get(&provider_id).is_some_and(|&at| at > started) {
+                if state.tombstones.get(&provider_id).is_some_and(|&at| at > started) {
                     continue; // deleted after this listing started
                 }
                 let previous = old.remove(&m.name);
@@ -777,16 +780,10 @@ impl Fleet {
                     fresh.insert(name, entry);
                 }
             }
-            let state = &mut inner.groups[g];
-            state.tombstones = tombstones;
-            let replaced = std::mem::replace(&mut state.entries, fresh);
-            for e in replaced.values() {
-                inner.index.remove(&e.provider_id);
-            }
-            let Inner { groups, index } = &mut *inner;
-            for (name, e) in &groups[g].entries {
+            for (name, e) in &fresh {
                 index.insert(e.provider_id.clone(), (g, name.clone()));
             }
+            state.entries = fresh;
         }
         drop(inner);
         for (machine, provider_id) in retry_deletes {
@@ -843,5 +840,76 @@ impl Fleet {
 async fn futures_join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
     for h in handles {
         let _ = h.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{
+        Driver,
+        simulated::{Settings, Simulated},
+    };
+
+    fn fleet() -> (Arc<Fleet>, Arc<Simulated>) {
+        let text =
+            "cluster_name = \"t\"\n[clouds.sim]\ndriver = \"simulated\"\n[groups.g]\ncloud = \"sim\"\nmax_size = 5\n";
+        let config = Config::parse(text, "test", std::path::Path::new(".")).unwrap();
+        let sim = Arc::new(Simulated::new("t", Settings::default()).unwrap());
+        (Fleet::new(&config, vec![Arc::clone(&sim) as SharedDriver]), sim)
+    }
+
+    /// (provider id, phase name) of every instance of the only group.
+    fn ids(f: &Fleet) -> Vec<(String, &'static str)> {
+        let mut out = Vec::new();
+        f.for_each_instance(0, |id, phase| {
+            let name = match phase {
+                InstancePhase::Creating => "creating",
+                InstancePhase::Running => "running",
+                InstancePhase::Deleting => "deleting",
+                InstancePhase::Failed(_) => "failed",
+            };
+            out.push((id.to_owned(), name));
+        });
+        out
+    }
+
+    #[tokio::test]
+    async fn a_listing_older_than_a_finished_create_does_not_drop_the_machine() {
+        let (f, sim) = fleet();
+        let stale_listing_started = Instant::now();
+        let stale = sim.list().await.unwrap(); // empty: taken before the create
+        f.increase(0, 1).unwrap();
+        f.tasks().close();
+        f.tasks().wait().await;
+        f.reconcile_cloud(0, stale, stale_listing_started);
+        assert_eq!(f.target_size(0), 1);
+        assert_eq!(ids(&f)[0].1, "running");
+        // A listing taken after the create sees it too.
+        f.reconcile_cloud(0, sim.list().await.unwrap(), Instant::now());
+        assert_eq!(f.target_size(0), 1);
+    }
+
+    #[tokio::test]
+    async fn a_listing_older_than_a_finished_delete_does_not_bring_the_machine_back() {
+        let (f, sim) = fleet();
+        f.increase(0, 2).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        f.reconcile_cloud(0, sim.list().await.unwrap(), Instant::now());
+        let victim = ids(&f)[0].0.clone();
+        let stale_listing_started = Instant::now();
+        let stale = sim.list().await.unwrap(); // still has the victim
+        f.delete_nodes(0, &[&victim]).unwrap();
+        f.tasks().close();
+        f.tasks().wait().await;
+        f.reconcile_cloud(0, stale, stale_listing_started);
+        assert_eq!(f.target_size(0), 1);
+        assert!(ids(&f).iter().all(|(id, _)| *id != victim));
+        assert_eq!(f.group_of(&victim), None);
+        // A machine that vanished from the cloud on its own is dropped by the next listing.
+        let survivor = ids(&f)[0].0.clone();
+        f.reconcile_cloud(0, Vec::new(), Instant::now());
+        assert_eq!(f.target_size(0), 0);
+        assert_eq!(f.group_of(&survivor), None);
     }
 }
