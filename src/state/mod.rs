@@ -250,10 +250,8 @@ impl Fleet {
         for (i, g) in config.groups.iter().enumerate() {
             let cloud = clouds.iter().position(|c| c.config.name == g.cloud).expect("config checks group clouds");
             clouds[cloud].groups.push(i);
-            let debug = format!(
-                "cloud={} driver={} min={} max={} provider_id={}",
-                g.cloud, clouds[cloud].config.driver, g.min_size, g.max_size, g.provider_id
-            );
+            let debug =
+                format!("cloud={} driver={} provider_id={}", g.cloud, clouds[cloud].config.driver, g.provider_id);
             groups.push(Group { config: g.clone(), cloud, debug, template: OnceCell::new() });
         }
         let group_index = groups.iter().enumerate().map(|(i, g)| (g.config.name.clone(), i)).collect();
