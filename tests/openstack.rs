@@ -225,7 +225,10 @@ async fn an_error_server_fails_with_its_fault_and_no_valid_host_is_out_of_resour
     let listed = driver.list().await.unwrap();
     let state = |id: &str| listed.iter().find(|m| m.id == id).unwrap().state.clone();
     let MachineState::Failed(fa) = state(&a.id) else { panic!("{:?}", state(&a.id)) };
-    assert_eq!((fa.class, fa.code.as_str(), fa.message.as_str()), (ErrorClass::OutOfResources, "NO_VALID_HOST", no_host));
+    assert_eq!(
+        (fa.class, fa.code.as_str(), fa.message.as_str()),
+        (ErrorClass::OutOfResources, "NO_VALID_HOST", no_host)
+    );
     let MachineState::Failed(fb) = state(&b.id) else { panic!("{:?}", state(&b.id)) };
     assert_eq!(fb.class, ErrorClass::Other);
     assert_eq!(fb.message, "Build of instance aborted: Failure prepping block device.");
@@ -258,7 +261,8 @@ async fn delete_is_idempotent_and_refuses_servers_not_marked_as_ours() {
     assert!(fake.servers().is_empty());
     assert!(matches!(driver.delete(&r).await, Err(Error::NotFound(_))));
 
-    let foreign = add(&fake, "dev-cluster-workers-zzzzz", &[(META_CLUSTER, "prod".into()), (META_GROUP, "workers".into())]);
+    let foreign =
+        add(&fake, "dev-cluster-workers-zzzzz", &[(META_CLUSTER, "prod".into()), (META_GROUP, "workers".into())]);
     let other_group = add(&fake, "dev-cluster-gpu-yyyyy", &ours("gpu"));
     for id in [&foreign, &other_group] {
         let r = MachineRef { group: "workers".into(), name: "x".into(), id: id.clone() };
@@ -331,7 +335,12 @@ async fn server_errors_rate_limits_and_timeouts_are_classified() {
     );
     let e = driver.list().await.unwrap_err();
     assert!(matches!(e, Error::RateLimited { retry_after: Some(d), .. } if d == Duration::from_secs(7)), "{e:?}");
-    fake.inject(Method::POST, "/compute/v2.1/servers", 400, json!({ "badRequest": { "code": 400, "message": "Invalid flavorRef" } }));
+    fake.inject(
+        Method::POST,
+        "/compute/v2.1/servers",
+        400,
+        json!({ "badRequest": { "code": 400, "message": "Invalid flavorRef" } }),
+    );
     let e = driver.create("workers", "dev-cluster-workers-aaaaa").await.unwrap_err();
     assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("Invalid flavorRef")), "{e:?}");
 
@@ -413,9 +422,16 @@ async fn butane_turns_the_rendered_template_into_ignition() {
     let ud = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(ud).unwrap()).unwrap();
     assert_eq!(ud, r#"{"ignition":{"version":"3.3.0"},"from":"variant: fcos dev-cluster-workers-aaaaa 192.168.1.1"}"#);
 
-    let bad = driver_of(&config_text(&fake, "", &machine.replace(&butane.display().to_string(), &failing.display().to_string())));
+    let bad = driver_of(&config_text(
+        &fake,
+        "",
+        &machine.replace(&butane.display().to_string(), &failing.display().to_string()),
+    ));
     let e = bad.create("workers", "dev-cluster-workers-bbbbb").await.unwrap_err();
-    assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("butane failed") && m.contains("error at line 3")), "{e:?}");
+    assert!(
+        matches!(&e, Error::InvalidRequest(m) if m.contains("butane failed") && m.contains("error at line 3")),
+        "{e:?}"
+    );
     assert_eq!(fake.count(Method::POST, "/compute/v2.1/servers"), 1, "nothing is created without user data");
     fake.assert_clean();
 }

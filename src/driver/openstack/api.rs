@@ -197,7 +197,13 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(http: reqwest::Client, session: Session, interface: String, region: Option<String>, page_size: u32) -> Api {
+    pub fn new(
+        http: reqwest::Client,
+        session: Session,
+        interface: String,
+        region: Option<String>,
+        page_size: u32,
+    ) -> Api {
         Api { http, session, interface, region, page_size }
     }
 
@@ -269,9 +275,18 @@ impl Api {
         }
     }
 
-    async fn get<T: DeserializeOwned>(&self, service: Service, path: &str, query: &[(&str, String)]) -> Result<T, Error> {
+    async fn get<T: DeserializeOwned>(
+        &self,
+        service: Service,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, Error> {
         let (_, bytes) = self.call(service, Method::GET, path, query, None).await?;
-        serde_json::from_slice(&bytes).map_err(|source| Error::Decode { method: Method::GET, path: path.to_owned(), source })
+        serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
+            method: Method::GET,
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Every server of the project, following Nova's pagination (`limit` + `marker`).
@@ -319,8 +334,11 @@ impl Api {
             id: String,
         }
         let (_, bytes) = self.call(Service::Compute, Method::POST, "/servers", &[], Some(body)).await?;
-        let created: Created = serde_json::from_slice(&bytes)
-            .map_err(|source| Error::Decode { method: Method::POST, path: "/servers".into(), source })?;
+        let created: Created = serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
+            method: Method::POST,
+            path: "/servers".into(),
+            source,
+        })?;
         Ok(created.server.id)
     }
 

@@ -66,9 +66,18 @@ impl Named {
 /// How to prove who we are.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Method {
-    Password { user: Named, password: Secret, project: Option<Named> },
+    Password {
+        user: Named,
+        password: Secret,
+        project: Option<Named>,
+    },
     /// Application credentials carry their own project scope.
-    ApplicationCredential { id: Option<String>, name: Option<String>, user: Named, secret: Secret },
+    ApplicationCredential {
+        id: Option<String>,
+        name: Option<String>,
+        user: Named,
+        secret: Secret,
+    },
 }
 
 /// Everything needed to get a token and pick endpoints.
@@ -93,10 +102,10 @@ impl Credentials {
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Credentials, String> {
         let var = |names: &[&str]| names.iter().find_map(|n| get(n).filter(|v| !v.trim().is_empty()));
         let auth_url = var(&["OS_AUTH_URL"]).ok_or("OS_AUTH_URL is not set")?;
-        if let Some(version) = var(&["OS_IDENTITY_API_VERSION"]) {
-            if version.trim() != "3" {
-                return Err(format!("identity API version {version} is not supported; only Keystone v3 is"));
-            }
+        if let Some(version) = var(&["OS_IDENTITY_API_VERSION"])
+            && version.trim() != "3"
+        {
+            return Err(format!("identity API version {version} is not supported; only Keystone v3 is"));
         }
         let user = Named {
             id: var(&["OS_USER_ID"]),
@@ -111,7 +120,9 @@ impl Credentials {
             let id = var(&["OS_APPLICATION_CREDENTIAL_ID"]);
             let name = var(&["OS_APPLICATION_CREDENTIAL_NAME"]);
             if id.is_none() && (name.is_none() || (user.id.is_none() && user.name.is_none())) {
-                return Err("an application credential needs OS_APPLICATION_CREDENTIAL_ID, or its name and the user".into());
+                return Err(
+                    "an application credential needs OS_APPLICATION_CREDENTIAL_ID, or its name and the user".into()
+                );
             }
             Method::ApplicationCredential { id, name, user, secret: Secret::new(secret) }
         } else {
@@ -133,7 +144,8 @@ impl Credentials {
             });
             Method::Password { user, password: Secret::new(password), project }
         };
-        let insecure = var(&["OS_INSECURE"]).is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
+        let insecure =
+            var(&["OS_INSECURE"]).is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
         Ok(Credentials {
             auth_url: auth_url.trim_end_matches('/').to_owned(),
             method,
@@ -179,10 +191,8 @@ impl Credentials {
                         }
                     }
                 }
-                "verify" => {
-                    if v.as_bool() == Some(false) {
-                        vars.insert("OS_INSECURE".into(), "true".into());
-                    }
+                "verify" if v.as_bool() == Some(false) => {
+                    vars.insert("OS_INSECURE".into(), "true".into());
                 }
                 "region_name" | "interface" | "auth_type" | "identity_api_version" | "cacert" => {
                     if let Some(v) = scalar(v) {
@@ -342,10 +352,10 @@ impl Session {
     /// A valid token: the cached one, or a new one once the cached one is due for renewal.
     pub async fn token(&self) -> Result<Arc<Token>, Error> {
         let mut cached = self.cached.lock().await;
-        if let Some(t) = cached.as_ref() {
-            if Instant::now() < t.renew_at {
-                return Ok(Arc::clone(t));
-            }
+        if let Some(t) = cached.as_ref()
+            && Instant::now() < t.renew_at
+        {
+            return Ok(Arc::clone(t));
         }
         let token = Arc::new(self.issue().await?);
         *cached = Some(Arc::clone(&token));
@@ -400,6 +410,5 @@ impl Session {
 }
 
 fn parse_time(text: &str) -> Result<SystemTime, Error> {
-    humantime::parse_rfc3339_weak(text)
-        .map_err(|e| Error::Malformed(format!("bad timestamp {text:?}: {e}")))
+    humantime::parse_rfc3339_weak(text).map_err(|e| Error::Malformed(format!("bad timestamp {text:?}: {e}")))
 }

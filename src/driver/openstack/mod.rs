@@ -101,10 +101,10 @@ impl CloudSettings {
         if page_size == 0 {
             p.push(s.key_path("page_size"), "must be at least 1");
         }
-        if let Some(i) = &interface {
-            if !["public", "internal", "admin"].contains(&i.as_str()) {
-                p.push(s.key_path("interface"), format!("{i:?} is not one of public, internal, admin"));
-            }
+        if let Some(i) = &interface
+            && !["public", "internal", "admin"].contains(&i.as_str())
+        {
+            p.push(s.key_path("interface"), format!("{i:?} is not one of public, internal, admin"));
         }
         let sources = [cloud.is_some(), credentials_file.is_some(), auth.is_some()].iter().filter(|b| **b).count();
         if sources > 1 {
@@ -123,11 +123,21 @@ impl CloudSettings {
                 }
             };
             let read = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()));
-            ("cloud", read.and_then(|t| Credentials::from_clouds_yaml(&t, &name).map_err(|e| format!("{}: {e}", path.display()))))
+            (
+                "cloud",
+                read.and_then(|t| {
+                    Credentials::from_clouds_yaml(&t, &name).map_err(|e| format!("{}: {e}", path.display()))
+                }),
+            )
         } else if let Some(file) = credentials_file {
             let path = p.resolve(&file);
             let read = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()));
-            ("credentials_file", read.and_then(|t| Credentials::from_credentials_file(&t).map_err(|e| format!("{}: {e}", path.display()))))
+            (
+                "credentials_file",
+                read.and_then(|t| {
+                    Credentials::from_credentials_file(&t).map_err(|e| format!("{}: {e}", path.display()))
+                }),
+            )
         } else if let Some(mut a) = auth {
             let mut vars = BTreeMap::new();
             for (k, var) in AUTH_KEYS {
@@ -144,7 +154,10 @@ impl CloudSettings {
             a.finish(p);
             ("auth", Credentials::from_vars(|k| vars.get(k).cloned()))
         } else {
-            ("driver", Credentials::from_env().map_err(|e| format!("no credentials given, and in the environment: {e}")))
+            (
+                "driver",
+                Credentials::from_env().map_err(|e| format!("no credentials given, and in the environment: {e}")),
+            )
         };
         let credentials = match credentials {
             Ok(c) => c,
@@ -222,7 +235,10 @@ impl GroupSettings {
         };
         for key in userdata::RESERVED {
             if template_data.contains_key(*key) {
-                p.push(format!("{}.{key}", s.key_path("template_data")), "is filled in by Flotilla; choose another name");
+                p.push(
+                    format!("{}.{key}", s.key_path("template_data")),
+                    "is filled in by Flotilla; choose another name",
+                );
             }
         }
         let join_url = s.string("join_url", p);
@@ -248,7 +264,10 @@ impl GroupSettings {
             (None, None) => None,
         };
         if template.is_none() && (butane || !template_data.is_empty() || join_url.is_some() || join_token.is_some()) {
-            p.push(s.path(), "`butane`, `template_data`, `join_url` and `join_token` need `user_data_template` or `user_data`");
+            p.push(
+                s.path(),
+                "`butane`, `template_data`, `join_url` and `join_token` need `user_data_template` or `user_data`",
+            );
         }
         if butane_binary.is_some() && !butane {
             p.push(s.key_path("butane_binary"), "is only used with `butane = true`");
@@ -266,7 +285,10 @@ impl GroupSettings {
             // boots with a broken config.
             let name = format!("{cluster}-{group}-check");
             if let Err(e) = ud.render_template(userdata::Target { cluster, group, name: &name }) {
-                p.push(s.key_path(if ud.origin.ends_with("user_data") { "user_data" } else { "user_data_template" }), e.to_string());
+                p.push(
+                    s.key_path(if ud.origin.ends_with("user_data") { "user_data" } else { "user_data_template" }),
+                    e.to_string(),
+                );
             }
         }
         if p.items.len() > before {
@@ -332,7 +354,9 @@ fn is_uuid(s: &str) -> bool {
     let b = s.as_bytes();
     // Nova flavors and some ids are plain hex without dashes; only dashed UUIDs skip lookup.
     b.len() == 36
-        && b.iter().enumerate().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { *c == b'-' } else { c.is_ascii_hexdigit() })
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| if [8, 13, 18, 23].contains(&i) { *c == b'-' } else { c.is_ascii_hexdigit() })
 }
 
 /// Counts GPUs a flavor asks for: `resources:VGPU=N`, `resources:PGPU=N`, or PCI passthrough
@@ -351,7 +375,11 @@ pub fn gpus_of(extra_specs: &BTreeMap<String, String>) -> u64 {
 }
 
 impl OpenStack {
-    pub fn new(cluster: &str, settings: CloudSettings, groups: Vec<(String, GroupSettings)>) -> Result<OpenStack, BuildError> {
+    pub fn new(
+        cluster: &str,
+        settings: CloudSettings,
+        groups: Vec<(String, GroupSettings)>,
+    ) -> Result<OpenStack, BuildError> {
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(settings.request_timeout)
@@ -393,10 +421,18 @@ impl OpenStack {
             None => one_of(flavors.iter().filter(|f| f.name == g.flavor).cloned().collect(), "flavor", &g.flavor)?,
         };
         let gpus = gpus_of(&self.api.flavor_extra_specs(&flavor.id).await?);
-        let image_id = if is_uuid(&g.image) { g.image.clone() } else { one_of(self.api.images_named(&g.image).await?, "image", &g.image)? };
+        let image_id = if is_uuid(&g.image) {
+            g.image.clone()
+        } else {
+            one_of(self.api.images_named(&g.image).await?, "image", &g.image)?
+        };
         let mut network_ids = Vec::with_capacity(g.networks.len());
         for n in &g.networks {
-            network_ids.push(if is_uuid(n) { n.clone() } else { one_of(self.api.networks_named(n).await?, "network", n)? });
+            network_ids.push(if is_uuid(n) {
+                n.clone()
+            } else {
+                one_of(self.api.networks_named(n).await?, "network", n)?
+            });
         }
         let server_group_id = match &g.server_group {
             None => None,
@@ -406,7 +442,14 @@ impl OpenStack {
         Ok(Resolved { flavor, gpus, image_id, network_ids, server_group_id })
     }
 
-    fn create_body(&self, group: &str, name: &str, g: &GroupSettings, r: &Resolved, user_data: Option<String>) -> Value {
+    fn create_body(
+        &self,
+        group: &str,
+        name: &str,
+        g: &GroupSettings,
+        r: &Resolved,
+        user_data: Option<String>,
+    ) -> Value {
         let mut metadata: serde_json::Map<String, Value> =
             g.metadata.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect();
         metadata.insert(META_CLUSTER.into(), self.cluster.as_str().into());

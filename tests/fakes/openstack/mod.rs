@@ -258,7 +258,12 @@ impl Fake {
     /// Panics listing every request the fake found wrong.
     pub fn assert_clean(&self) {
         let i = self.lock();
-        assert!(i.problems.is_empty(), "the fake OpenStack saw {} bad requests:\n{}", i.problems.len(), i.problems.join("\n"));
+        assert!(
+            i.problems.is_empty(),
+            "the fake OpenStack saw {} bad requests:\n{}",
+            i.problems.len(),
+            i.problems.join("\n")
+        );
     }
 }
 
@@ -303,9 +308,7 @@ impl Inner {
 
     fn catalog(&self) -> Value {
         let b = &self.base;
-        let ep = |id: &str, interface: &str, region: &str, url: String| {
-            json!({ "id": id, "interface": interface, "region": region, "region_id": region, "url": url })
-        };
+        let ep = |id: &str, interface: &str, region: &str, url: String| json!({ "id": id, "interface": interface, "region": region, "region_id": region, "url": url });
         json!([
             { "type": "compute", "name": "nova", "id": "svc-compute", "endpoints": [
                 ep("c1", "public", "RegionOne", format!("{b}/compute/v2.1")),
@@ -406,10 +409,14 @@ impl Inner {
             (Some(other), None) => return Err(format!("Image {other} could not be found.")),
             (None, Some(Value::Array(devices))) => {
                 let d = devices.first().ok_or("Block Device Mapping is Invalid")?;
-                if d["source_type"] != "image" || d["destination_type"] != "volume" || d["uuid"] != IMAGE_ID || d["boot_index"] != 0 {
+                if d["source_type"] != "image"
+                    || d["destination_type"] != "volume"
+                    || d["uuid"] != IMAGE_ID
+                    || d["boot_index"] != 0
+                {
                     return Err("Block Device Mapping is Invalid: boot device must be the image on a volume".into());
                 }
-                if !d["volume_size"].as_u64().is_some_and(|n| n > 0) {
+                if d["volume_size"].as_u64().is_none_or(|n| n == 0) {
                     return Err("Block Device Mapping is Invalid: volume_size must be positive".into());
                 }
             }
@@ -428,7 +435,7 @@ impl Inner {
         }
         let metadata = s["metadata"].as_object().ok_or("metadata must be an object")?;
         for (k, v) in metadata {
-            if k.len() > 255 || !v.as_str().is_some_and(|v| v.len() <= 255) {
+            if k.len() > 255 || v.as_str().is_none_or(|v| v.len() > 255) {
                 return Err(format!("Invalid input for field/attribute metadata: {k}"));
             }
         }
@@ -478,7 +485,8 @@ impl Inner {
                 None => return error(StatusCode::BAD_REQUEST, "badRequest", &format!("marker [{marker}] not found")),
             }
         }
-        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(self.max_limit).min(self.max_limit);
+        let limit =
+            query.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(self.max_limit).min(self.max_limit);
         let more = all.len() > limit;
         all.truncate(limit);
         let mut body = json!({ "servers": all.iter().map(|s| self.server_json(s)).collect::<Vec<_>>() });
@@ -506,7 +514,8 @@ impl Inner {
         let live = self.servers.iter().filter(|s| s.deleted.is_none()).count();
         if let Some(q) = self.quota {
             if live >= q {
-                let message = format!("Quota exceeded for instances: Requested 1, but already used {live} of {q} instances");
+                let message =
+                    format!("Quota exceeded for instances: Requested 1, but already used {live} of {q} instances");
                 return if self.quota_status == 413 {
                     error(StatusCode::PAYLOAD_TOO_LARGE, "overLimit", &message)
                 } else {
@@ -531,7 +540,8 @@ impl Inner {
             body: body.clone(),
         });
         if std::mem::take(&mut self.lose_next_create_answer) {
-            return (StatusCode::GATEWAY_TIMEOUT, "<html><body><h1>504 Gateway Time-out</h1></body></html>").into_response();
+            return (StatusCode::GATEWAY_TIMEOUT, "<html><body><h1>504 Gateway Time-out</h1></body></html>")
+                .into_response();
         }
         let location = format!("{}/compute/v2.1/servers/{id}", self.base);
         let mut r = (
@@ -553,7 +563,13 @@ impl Inner {
         self.servers.iter().position(|s| s.id == id && !self.is_gone(s))
     }
 
-    fn route(&mut self, method: &Method, path: &str, query: &BTreeMap<String, String>, body: Option<&Value>) -> Response {
+    fn route(
+        &mut self,
+        method: &Method,
+        path: &str,
+        query: &BTreeMap<String, String>,
+        body: Option<&Value>,
+    ) -> Response {
         let not_found = |what: &str| error(StatusCode::NOT_FOUND, "itemNotFound", what);
         let ok = |v: Value| (StatusCode::OK, axum::Json(v)).into_response();
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -576,7 +592,9 @@ impl Inner {
             (Method::GET, ["compute", "v2.1", "flavors", "detail"]) => ok(json!({ "flavors": self.flavors() })),
             (Method::GET, ["compute", "v2.1", "flavors", id, "os-extra_specs"]) => match *id {
                 FLAVOR_ID => ok(json!({ "extra_specs": { "hw:cpu_policy": "shared" } })),
-                GPU_FLAVOR_ID => ok(json!({ "extra_specs": { "pci_passthrough:alias": "a100:2", "resources:VGPU": "0" } })),
+                GPU_FLAVOR_ID => {
+                    ok(json!({ "extra_specs": { "pci_passthrough:alias": "a100:2", "resources:VGPU": "0" } }))
+                }
                 _ => not_found(&format!("Flavor {id} could not be found.")),
             },
             (Method::GET, ["compute", "v2.1", "os-server-groups"]) => ok(json!({ "server_groups": [
@@ -629,10 +647,7 @@ async fn handle(
     let query: BTreeMap<String, String> = uri
         .query()
         .map(|q| {
-            q.split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), percent_decode(v)))
-                .collect()
+            q.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), percent_decode(v))).collect()
         })
         .unwrap_or_default();
     let token = headers.get("X-Auth-Token").and_then(|v| v.to_str().ok()).map(str::to_owned);
