@@ -588,3 +588,60 @@ async fn cluster_autoscaler_scales_a_group_up_and_down_through_grpc() {
     server.stop().await.unwrap();
     fake.assert_clean();
 }
+
+#[tokio::test]
+async fn the_example_configuration_boots_a_fedora_coreos_k3s_agent() {
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("k3s-token");
+    std::fs::write(&token, "K10example::server:0123456789\n").unwrap();
+    // Stands in for butane: checks its flag and passes the Butane text through.
+    let butane = dir.path().join("butane");
+    std::fs::write(&butane, "#!/bin/sh\n[ \"$1\" = \"--strict\" ] || exit 3\ncat\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&butane, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let auth = format!(
+        "[clouds.pouta.auth]\nauth_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\nuser_domain_name = \"{}\"\nproject_name = \"{}\"\n\n[groups.workers]\n",
+        fake.auth_url(),
+        fake::USERNAME,
+        fake::PASSWORD,
+        fake::USER_DOMAIN,
+        fake::PROJECT
+    );
+    let text = std::fs::read_to_string("examples/openstack.toml")
+        .unwrap()
+        .replace("credentials_file = \"openstack-credentials.yaml\"\n", "")
+        .replacen("[groups.workers]\n", &auth, 1)
+        .replace("\"regionOne\"", "\"RegionOne\"")
+        .replace("\"project-net\"", "\"k3s-net\"")
+        .replace("{ env = \"K3S_NODE_TOKEN\" }", &format!("{{ file = \"{}\" }}", token.display()))
+        .replace("\"/usr/bin/butane\"", &format!("\"{}\"", butane.display()));
+    let config = support::config(&text);
+    assert_eq!(
+        config.groups[0].provider_id.render(flotilla::provider_id::Parts {
+            cluster: CLUSTER,
+            group: "workers",
+            region: "",
+            name: "n1",
+            id: "u1"
+        }),
+        "k3s://n1"
+    );
+    let driver = flotilla::build_drivers(&config).unwrap_or_else(|p| panic!("{p}")).remove(0);
+    driver.create("workers", "dev-cluster-workers-abcde").await.unwrap();
+    let s = &fake.servers()[0].body["server"];
+    let ud = base64::engine::general_purpose::STANDARD.decode(s["user_data"].as_str().unwrap()).unwrap();
+    let butane_yaml: serde_yaml::Value = serde_yaml::from_slice(&ud).expect("the rendered template is YAML");
+    assert_eq!(butane_yaml["variant"].as_str(), Some("fcos"));
+    let files = butane_yaml["storage"]["files"].as_sequence().unwrap();
+    assert_eq!(files[0]["contents"]["inline"].as_str(), Some("dev-cluster-workers-abcde"));
+    let k3s: serde_yaml::Value = serde_yaml::from_str(files[1]["contents"]["inline"].as_str().unwrap()).unwrap();
+    assert_eq!(k3s["server"].as_str(), Some("https://192.168.1.1:6443"));
+    assert_eq!(k3s["token"].as_str(), Some("K10example::server:0123456789"));
+    assert_eq!(k3s["node-name"].as_str(), Some("dev-cluster-workers-abcde"));
+    assert_eq!(s["key_name"], "admin");
+    assert_eq!(fake.servers()[0].body["os:scheduler_hints"]["group"], fake::SERVER_GROUP_ID);
+    fake.assert_clean();
+}

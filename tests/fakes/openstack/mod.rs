@@ -148,7 +148,7 @@ impl Fake {
             injected: Vec::new(),
             requests: Vec::new(),
             problems: Vec::new(),
-            key_pairs: ["k3s-admin".to_owned()].into(),
+            key_pairs: ["k3s-admin".to_owned(), "admin".to_owned()].into(),
             security_groups: ["default".to_owned(), "k3s-nodes".to_owned()].into(),
             zones: ["nova".to_owned(), "az-2".to_owned()].into(),
         }));
