@@ -645,3 +645,35 @@ async fn the_example_configuration_boots_a_fedora_coreos_k3s_agent() {
     assert_eq!(fake.servers()[0].body["os:scheduler_hints"]["group"], fake::SERVER_GROUP_ID);
     fake.assert_clean();
 }
+
+#[tokio::test]
+async fn a_large_project_is_listed_in_a_handful_of_calls() {
+    let fake = Fake::start().await;
+    fake.set_build_time(Duration::ZERO);
+    for i in 0..1000 {
+        let meta = if i % 2 == 0 { ours("workers") } else { vec![(META_CLUSTER, "prod".to_owned())] };
+        add(&fake, &format!("server-{i}"), &meta);
+    }
+    let driver = driver_of(&config_text(&fake, "", PLAIN_MACHINE).replace("page_size = 2\n", ""));
+    let started = std::time::Instant::now();
+    let machines = driver.list().await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(machines.len(), 500);
+    // Five full pages of 200, then the empty page that ends the listing.
+    assert_eq!(fake.count(Method::GET, "/servers/detail"), 6);
+    eprintln!("listed 1000 servers (500 ours) in {elapsed:?}");
+    fake.assert_clean();
+}
+
+#[test]
+fn an_unreadable_ca_bundle_is_a_configuration_problem() {
+    let text = format!(
+        "cluster_name = \"c\"\n[clouds.os]\ndriver = \"openstack\"\nca_file = \"/nonexistent/ca.pem\"\n\
+         [clouds.os.auth]\nauth_url = \"https://keystone.example/v3\"\napplication_credential_id = \"x\"\n\
+         application_credential_secret = \"y\"\n[groups.g]\ncloud = \"os\"\nmax_size = 1\n\
+         [groups.g.machine]\n{PLAIN_MACHINE}"
+    );
+    let config = flotilla::config::Config::parse(&text, "test.toml", std::path::Path::new(".")).unwrap();
+    let problems = flotilla::build_drivers(&config).unwrap_err().to_string();
+    assert!(problems.contains("clouds.os: cannot read CA bundle /nonexistent/ca.pem"), "{problems}");
+}
