@@ -677,3 +677,42 @@ fn an_unreadable_ca_bundle_is_a_configuration_problem() {
     let problems = flotilla::build_drivers(&config).unwrap_err().to_string();
     assert!(problems.contains("clouds.os: cannot read CA bundle /nonexistent/ca.pem"), "{problems}");
 }
+
+#[tokio::test]
+async fn ports_are_made_for_each_server_and_removed_with_it_or_with_a_failed_create() {
+    let fake = Fake::start().await;
+    let machine = r#"flavor = "io.70GB"
+image = "fedora-coreos-36.20220522.3.0-openstack.x86_64.qcow2"
+[[groups.workers.machine.ports]]
+network = "k3s-net"
+security_groups = ["k3s-nodes"]
+allowed_address_pairs = ["10.42.0.0/16"]
+"#;
+    let driver = driver_of(&config_text(&fake, "", machine));
+    let m = driver.create("workers", "dev-cluster-workers-aaaaa").await.unwrap();
+    let ports = fake.ports();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].device_id.as_deref(), Some(m.id.as_str()));
+    assert_eq!(
+        ports[0].body,
+        json!({ "port": {
+            "network_id": fake::NETWORK_ID,
+            "name": "dev-cluster-workers-aaaaa-port0",
+            "description": "flotilla dev-cluster/workers",
+            "security_groups": [fake::SG_NODES_ID],
+            "allowed_address_pairs": [{ "ip_address": "10.42.0.0/16" }],
+        }})
+    );
+    assert_eq!(fake.servers()[0].body["server"]["networks"], json!([{ "port": ports[0].id }]));
+
+    driver.delete(&MachineRef::from(&m)).await.unwrap();
+    assert!(fake.servers().is_empty());
+    assert!(fake.ports().is_empty(), "the port goes with its server");
+
+    fake.set_quota(Some(0), 403);
+    let e = driver.create("workers", "dev-cluster-workers-bbbbb").await.unwrap_err();
+    assert!(matches!(e, Error::OutOfResources(_)), "{e:?}");
+    assert!(fake.ports().is_empty(), "a failed create leaves no port behind");
+    assert_eq!(fake.count(Method::POST, "/network/v2.0/ports"), 2);
+    fake.assert_clean();
+}

@@ -391,6 +391,45 @@ impl Api {
         Ok(n.networks.into_iter().map(|n| n.id).collect())
     }
 
+    /// Ids of Neutron security groups with this exact name.
+    pub async fn security_groups_named(&self, name: &str) -> Result<Vec<String>, Error> {
+        #[derive(Deserialize)]
+        struct Groups {
+            security_groups: Vec<Named>,
+        }
+        let g: Groups = self.get(Service::Network, "/security-groups", &[("name", name.to_owned())]).await?;
+        Ok(g.security_groups.into_iter().map(|n| n.id).collect())
+    }
+
+    /// `POST /v2.0/ports`; returns the new port's id.
+    pub async fn create_port(&self, body: &Value) -> Result<String, Error> {
+        #[derive(Deserialize)]
+        struct Created {
+            port: Named,
+        }
+        let (_, bytes) = self.call(Service::Network, Method::POST, "/ports", &[], Some(body)).await?;
+        let created: Created = serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
+            method: Method::POST,
+            path: "/ports".into(),
+            source,
+        })?;
+        Ok(created.port.id)
+    }
+
+    /// Ports bound to a server, as (id, name).
+    pub async fn ports_of(&self, server_id: &str) -> Result<Vec<(String, String)>, Error> {
+        #[derive(Deserialize)]
+        struct Ports {
+            ports: Vec<Named>,
+        }
+        let p: Ports = self.get(Service::Network, "/ports", &[("device_id", server_id.to_owned())]).await?;
+        Ok(p.ports.into_iter().map(|n| (n.id, n.name)).collect())
+    }
+
+    pub async fn delete_port(&self, id: &str) -> Result<(), Error> {
+        self.call(Service::Network, Method::DELETE, &format!("/ports/{id}"), &[], None).await.map(|_| ())
+    }
+
     /// Ids of Nova server groups with this name.
     pub async fn server_groups_named(&self, name: &str) -> Result<Vec<String>, Error> {
         #[derive(Deserialize)]

@@ -23,7 +23,9 @@
 //! `request_timeout`, `page_size`.
 //!
 //! `[groups.G.machine]`: `flavor`, `image` (name or id), `networks` (names or ids; none means
-//! Nova's `auto`), `security_groups`, `key_name`, `availability_zone`, `server_group` (name or
+//! Nova's `auto`), `ports` (`[[...ports]]` with `network`, `security_groups`,
+//! `allowed_address_pairs`, `port_security`: one Neutron port per server, deleted with it),
+//! `security_groups`, `key_name`, `availability_zone`, `server_group` (name or
 //! id, sent as a scheduler hint), `boot_volume_size` (GiB; boots from a new volume),
 //! `config_drive`, `metadata`, `user_data_template` (file) or `user_data` (inline template),
 //! `template_data`, `join_url`, `join_token` (secret), `butane`, `butane_binary`.
@@ -178,12 +180,27 @@ impl CloudSettings {
     }
 }
 
+/// One Neutron port made for each server of a group: for what a plain network attachment
+/// cannot say, e.g. allowed address pairs for pod CIDRs routed without encapsulation.
+#[derive(Clone, Debug, Default)]
+pub struct PortSpec {
+    /// Name or id.
+    pub network: String,
+    /// Neutron security groups by name or id (none: the project's default).
+    pub security_groups: Vec<String>,
+    /// CIDRs or addresses the port may also send from.
+    pub allowed_address_pairs: Vec<String>,
+    pub port_security: Option<bool>,
+}
+
 /// Settings of one group's `machine` table.
 #[derive(Clone, Debug, Default)]
 pub struct GroupSettings {
     pub flavor: String,
     pub image: String,
     pub networks: Vec<String>,
+    /// Ports created for each server (after `networks`), deleted with it.
+    pub ports: Vec<PortSpec>,
     pub security_groups: Vec<String>,
     pub key_name: Option<String>,
     pub availability_zone: Option<String>,
@@ -202,6 +219,20 @@ impl GroupSettings {
         let flavor = s.required_string("flavor", p);
         let image = s.required_string("image", p);
         let networks = s.string_list("networks", p);
+        let mut ports = Vec::new();
+        for mut ps in s.array_of_sections("ports", p) {
+            let spec = PortSpec {
+                network: ps.required_string("network", p).unwrap_or_default(),
+                security_groups: ps.string_list("security_groups", p),
+                allowed_address_pairs: ps.string_list("allowed_address_pairs", p),
+                port_security: ps.boolean("port_security", p),
+            };
+            if spec.port_security == Some(false) && !spec.security_groups.is_empty() {
+                p.push(ps.key_path("security_groups"), "cannot be used with `port_security = false`");
+            }
+            ps.finish(p);
+            ports.push(spec);
+        }
         let security_groups = s.string_list("security_groups", p);
         let key_name = s.string("key_name", p);
         let availability_zone = s.string("availability_zone", p);
@@ -298,6 +329,7 @@ impl GroupSettings {
             flavor: flavor?,
             image: image?,
             networks,
+            ports,
             security_groups,
             key_name,
             availability_zone,
@@ -317,7 +349,14 @@ struct Resolved {
     gpus: u64,
     image_id: String,
     network_ids: Vec<String>,
+    ports: Vec<ResolvedPort>,
     server_group_id: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+struct ResolvedPort {
+    network_id: String,
+    security_group_ids: Vec<String>,
 }
 
 /// The OpenStack driver of one cloud account.
@@ -439,7 +478,24 @@ impl OpenStack {
             Some(sg) if is_uuid(sg) => Some(sg.clone()),
             Some(sg) => Some(one_of(self.api.server_groups_named(sg).await?, "server group", sg)?),
         };
-        Ok(Resolved { flavor, gpus, image_id, network_ids, server_group_id })
+        let mut ports = Vec::with_capacity(g.ports.len());
+        for spec in &g.ports {
+            let network_id = if is_uuid(&spec.network) {
+                spec.network.clone()
+            } else {
+                one_of(self.api.networks_named(&spec.network).await?, "network", &spec.network)?
+            };
+            let mut security_group_ids = Vec::with_capacity(spec.security_groups.len());
+            for sg in &spec.security_groups {
+                security_group_ids.push(if is_uuid(sg) {
+                    sg.clone()
+                } else {
+                    one_of(self.api.security_groups_named(sg).await?, "security group", sg)?
+                });
+            }
+            ports.push(ResolvedPort { network_id, security_group_ids });
+        }
+        Ok(Resolved { flavor, gpus, image_id, network_ids, ports, server_group_id })
     }
 
     fn create_body(
@@ -448,16 +504,18 @@ impl OpenStack {
         name: &str,
         g: &GroupSettings,
         r: &Resolved,
+        port_ids: &[String],
         user_data: Option<String>,
     ) -> Value {
         let mut metadata: serde_json::Map<String, Value> =
             g.metadata.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect();
         metadata.insert(META_CLUSTER.into(), self.cluster.as_str().into());
         metadata.insert(META_GROUP.into(), group.into());
-        let networks = if r.network_ids.is_empty() {
+        let networks = if r.network_ids.is_empty() && port_ids.is_empty() {
             json!("auto")
         } else {
-            Value::Array(r.network_ids.iter().map(|id| json!({ "uuid": id })).collect())
+            let nets = r.network_ids.iter().map(|id| json!({ "uuid": id }));
+            Value::Array(nets.chain(port_ids.iter().map(|id| json!({ "port": id }))).collect())
         };
         let mut server = json!({
             "name": name,
@@ -498,6 +556,39 @@ impl OpenStack {
             body["os:scheduler_hints"] = json!({ "group": sg });
         }
         body
+    }
+
+    /// The body of `POST /v2.0/ports` for port `index` of machine `name`.
+    fn port_body(&self, group: &str, name: &str, index: usize, r: &ResolvedPort, spec: &PortSpec) -> Value {
+        let mut port = json!({
+            "network_id": r.network_id,
+            // The name ties the port to its server for the delete; the description says whose.
+            "name": format!("{name}-port{index}"),
+            "description": format!("flotilla {}/{group}", self.cluster),
+        });
+        if !r.security_group_ids.is_empty() {
+            port["security_groups"] = json!(r.security_group_ids);
+        }
+        if !spec.allowed_address_pairs.is_empty() {
+            port["allowed_address_pairs"] =
+                Value::Array(spec.allowed_address_pairs.iter().map(|a| json!({ "ip_address": a })).collect());
+        }
+        if let Some(ps) = spec.port_security {
+            port["port_security_enabled"] = json!(ps);
+        }
+        json!({ "port": port })
+    }
+
+    /// Deletes ports made for machine `name`; one that cannot be deleted is left and logged.
+    async fn delete_ports(&self, name: &str, ids: &[String]) {
+        for id in ids {
+            match self.api.delete_port(id).await {
+                Ok(()) | Err(api::Error::Status { status: 404, .. }) => {}
+                Err(e) => {
+                    tracing::warn!(%name, port = %id, error = %e, "cannot delete a port made for this machine; it is left behind")
+                }
+            }
+        }
     }
 
     /// Whether `metadata` marks a server as this cluster's (and, if given, this group's).
@@ -589,7 +680,17 @@ impl Driver for OpenStack {
             ),
             None => None,
         };
-        let body = self.create_body(group, name, settings, resolved, user_data);
+        let mut port_ids = Vec::with_capacity(resolved.ports.len());
+        for (i, port) in resolved.ports.iter().enumerate() {
+            match self.api.create_port(&self.port_body(group, name, i, port, &settings.ports[i])).await {
+                Ok(id) => port_ids.push(id),
+                Err(e) => {
+                    self.delete_ports(name, &port_ids).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        let body = self.create_body(group, name, settings, resolved, &port_ids, user_data);
         match self.api.create_server(&body).await {
             Ok(id) => Ok(Machine { group: group.to_owned(), name: name.to_owned(), id, state: MachineState::Creating }),
             Err(e) => {
@@ -599,6 +700,7 @@ impl Driver for OpenStack {
                 {
                     self.clean_up_lost_create(group, name).await;
                 }
+                self.delete_ports(name, &port_ids).await;
                 Err(e.into())
             }
         }
@@ -612,7 +714,21 @@ impl Driver for OpenStack {
                 machine.id, self.cluster, machine.group
             )));
         }
+        // Nova deletes only the ports it made itself; the ones made for this server go after it.
+        let ports = if self.groups.get(&machine.group).is_some_and(|g| !g.ports.is_empty()) {
+            let prefix = format!("{}-port", server.name);
+            self.api
+                .ports_of(&machine.id)
+                .await?
+                .into_iter()
+                .filter(|(_, n)| n.starts_with(&prefix))
+                .map(|(id, _)| id)
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.api.delete_server(&machine.id).await?;
+        self.delete_ports(&server.name, &ports).await;
         Ok(())
     }
 

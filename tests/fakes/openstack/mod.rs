@@ -40,6 +40,20 @@ pub const GPU_FLAVOR_ID: &str = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
 pub const IMAGE_ID: &str = "c0ffee00-1111-4222-8333-444455556666";
 pub const NETWORK_ID: &str = "0e7b5d2a-3c4f-4a5b-9c8d-7e6f5a4b3c2d";
 pub const SERVER_GROUP_ID: &str = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d";
+pub const SG_DEFAULT_ID: &str = "d0d0d0d0-1111-4111-8111-000000000001";
+pub const SG_NODES_ID: &str = "d0d0d0d0-1111-4111-8111-000000000002";
+
+/// A Neutron port.
+#[derive(Clone, Debug)]
+pub struct Port {
+    pub id: String,
+    pub name: String,
+    pub network_id: String,
+    /// The server it is bound to.
+    pub device_id: Option<String>,
+    /// The create body as sent.
+    pub body: Value,
+}
 
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
@@ -94,6 +108,9 @@ struct Inner {
     max_limit: usize,
     injected: Vec<Injected>,
     requests: Vec<Request>,
+    ports: Vec<Port>,
+    /// Ports ever created, for unique ids.
+    port_seq: u64,
     problems: Vec<String>,
     key_pairs: HashSet<String>,
     security_groups: HashSet<String>,
@@ -147,6 +164,8 @@ impl Fake {
             max_limit: 1000,
             injected: Vec::new(),
             requests: Vec::new(),
+            ports: Vec::new(),
+            port_seq: 0,
             problems: Vec::new(),
             key_pairs: ["k3s-admin".to_owned(), "admin".to_owned()].into(),
             security_groups: ["default".to_owned(), "k3s-nodes".to_owned()].into(),
@@ -244,6 +263,10 @@ impl Fake {
     pub fn servers(&self) -> Vec<Server> {
         let i = self.lock();
         i.servers.iter().filter(|s| !i.is_gone(s)).cloned().collect()
+    }
+
+    pub fn ports(&self) -> Vec<Port> {
+        self.lock().ports.clone()
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -426,7 +449,13 @@ impl Inner {
             Value::String(a) if a == "auto" || a == "none" => {}
             Value::Array(nets) => {
                 for n in nets {
-                    if n["uuid"] != NETWORK_ID {
+                    if let Some(port) = n.get("port").and_then(Value::as_str) {
+                        match self.ports.iter().find(|p| p.id == port) {
+                            None => return Err(format!("Port id {port} not found.")),
+                            Some(p) if p.device_id.is_some() => return Err(format!("Port {port} is still in use.")),
+                            Some(_) => {}
+                        }
+                    } else if n["uuid"] != NETWORK_ID {
                         return Err(format!("Network {} could not be found.", n["uuid"]));
                     }
                 }
@@ -530,6 +559,13 @@ impl Inner {
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect())
             .unwrap_or_default();
         let fault = self.next_boot_faults.pop_front();
+        for n in s["networks"].as_array().into_iter().flatten() {
+            if let Some(port) = n.get("port").and_then(Value::as_str) {
+                if let Some(p) = self.ports.iter_mut().find(|p| p.id == port) {
+                    p.device_id = Some(id.clone());
+                }
+            }
+        }
         self.servers.push(Server {
             id: id.clone(),
             name: s["name"].as_str().unwrap_or_default().to_owned(),
@@ -559,6 +595,62 @@ impl Inner {
         r
     }
 
+    fn create_port(&mut self, body: Option<&Value>) -> Response {
+        let neutron_error = |status: StatusCode, kind: &str, message: String| {
+            (status, axum::Json(json!({ "NeutronError": { "type": kind, "message": message, "detail": "" } })))
+                .into_response()
+        };
+        let Some(port) = body.and_then(|b| b.get("port")) else {
+            self.problems.push("POST /ports without a port".into());
+            return neutron_error(StatusCode::BAD_REQUEST, "HTTPBadRequest", "Resource body required".into());
+        };
+        let network = port["network_id"].as_str().unwrap_or_default();
+        if network != NETWORK_ID {
+            self.problems.push(format!("POST /ports on unknown network {network:?}"));
+            return neutron_error(
+                StatusCode::NOT_FOUND,
+                "NetworkNotFound",
+                format!("Network {network} could not be found."),
+            );
+        }
+        for sg in port.get("security_groups").and_then(Value::as_array).into_iter().flatten() {
+            if sg != SG_DEFAULT_ID && sg != SG_NODES_ID {
+                self.problems.push(format!("POST /ports with unknown security group {sg}"));
+                return neutron_error(
+                    StatusCode::NOT_FOUND,
+                    "SecurityGroupNotFound",
+                    format!("Security group {sg} does not exist"),
+                );
+            }
+        }
+        for pair in port.get("allowed_address_pairs").and_then(Value::as_array).into_iter().flatten() {
+            if !pair["ip_address"].is_string() {
+                self.problems.push(format!("POST /ports with a bad address pair {pair}"));
+                return neutron_error(
+                    StatusCode::BAD_REQUEST,
+                    "HTTPBadRequest",
+                    "Invalid input for allowed_address_pairs".into(),
+                );
+            }
+        }
+        self.port_seq += 1;
+        let id = format!("{:08x}-5555-4555-8555-000000000000", self.port_seq);
+        let name = port["name"].as_str().unwrap_or_default().to_owned();
+        self.ports.push(Port {
+            id: id.clone(),
+            name: name.clone(),
+            network_id: network.to_owned(),
+            device_id: None,
+            body: body.cloned().unwrap_or_default(),
+        });
+        (
+            StatusCode::CREATED,
+            axum::Json(json!({ "port": { "id": id, "name": name, "network_id": network, "status": "DOWN",
+                                         "admin_state_up": true, "device_id": "" } })),
+        )
+            .into_response()
+    }
+
     fn find_server(&self, id: &str) -> Option<usize> {
         self.servers.iter().position(|s| s.id == id && !self.is_gone(s))
     }
@@ -584,6 +676,10 @@ impl Inner {
                 Some(i) => {
                     if self.servers[i].deleted.is_none() {
                         self.servers[i].deleted = Some(Instant::now());
+                    }
+                    // Nova unbinds the ports it did not create, and leaves them.
+                    for p in self.ports.iter_mut().filter(|p| p.device_id.as_deref() == Some(*id)) {
+                        p.device_id = None;
                     }
                     StatusCode::NO_CONTENT.into_response()
                 }
@@ -620,6 +716,42 @@ impl Inner {
                     .collect();
                 ok(json!({ "networks": found }))
             }
+            (Method::GET, ["network", "v2.0", "security-groups"]) => {
+                let name = query.get("name").cloned().unwrap_or_default();
+                let found: Vec<Value> = [(SG_DEFAULT_ID, "default"), (SG_NODES_ID, "k3s-nodes")]
+                    .iter()
+                    .filter(|(_, n)| name.is_empty() || *n == name)
+                    .map(|(id, n)| json!({ "id": id, "name": n, "security_group_rules": [] }))
+                    .collect();
+                ok(json!({ "security_groups": found }))
+            }
+            (Method::POST, ["network", "v2.0", "ports"]) => self.create_port(body),
+            (Method::GET, ["network", "v2.0", "ports"]) => {
+                let device = query.get("device_id");
+                let found: Vec<Value> = self
+                    .ports
+                    .iter()
+                    .filter(|p| device.is_none_or(|d| p.device_id.as_ref() == Some(d)))
+                    .map(|p| {
+                        json!({ "id": p.id, "name": p.name, "network_id": p.network_id,
+                                     "device_id": p.device_id.clone().unwrap_or_default() })
+                    })
+                    .collect();
+                ok(json!({ "ports": found }))
+            }
+            (Method::DELETE, ["network", "v2.0", "ports", id]) => match self.ports.iter().position(|p| p.id == *id) {
+                Some(i) => {
+                    self.ports.remove(i);
+                    StatusCode::NO_CONTENT.into_response()
+                }
+                None => (
+                    StatusCode::NOT_FOUND,
+                    axum::Json(json!({ "NeutronError": {
+                        "type": "PortNotFound", "message": format!("Port {id} could not be found."), "detail": ""
+                    }})),
+                )
+                    .into_response(),
+            },
             _ => {
                 self.problems.push(format!("unexpected request {method} {path}"));
                 (
