@@ -476,15 +476,15 @@ impl Inner {
                 }
             }
         }
-        if let Some(k) = s.get("key_name") {
-            if !k.as_str().is_some_and(|k| self.key_pairs.contains(k)) {
-                return Err(format!("Invalid key_name provided: {k}"));
-            }
+        if let Some(k) = s.get("key_name")
+            && !k.as_str().is_some_and(|k| self.key_pairs.contains(k))
+        {
+            return Err(format!("Invalid key_name provided: {k}"));
         }
-        if let Some(az) = s.get("availability_zone") {
-            if !az.as_str().is_some_and(|z| self.zones.contains(z)) {
-                return Err(format!("The requested availability zone is not available: {az}"));
-            }
+        if let Some(az) = s.get("availability_zone")
+            && !az.as_str().is_some_and(|z| self.zones.contains(z))
+        {
+            return Err(format!("The requested availability zone is not available: {az}"));
         }
         if let Some(ud) = s.get("user_data") {
             let ud = ud.as_str().ok_or("user_data must be a string")?;
@@ -493,10 +493,10 @@ impl Inner {
             }
             base64::engine::general_purpose::STANDARD.decode(ud).map_err(|_| "User data needs to be valid base 64.")?;
         }
-        if let Some(hints) = body.get("os:scheduler_hints") {
-            if hints["group"] != SERVER_GROUP_ID {
-                return Err(format!("Invalid server group {}", hints["group"]));
-            }
+        if let Some(hints) = body.get("os:scheduler_hints")
+            && hints["group"] != SERVER_GROUP_ID
+        {
+            return Err(format!("Invalid server group {}", hints["group"]));
         }
         Ok(())
     }
@@ -520,13 +520,13 @@ impl Inner {
         all.truncate(limit);
         let mut body = json!({ "servers": all.iter().map(|s| self.server_json(s)).collect::<Vec<_>>() });
         // Nova adds the next link whenever a page is full.
-        if more || (all.len() == limit && limit > 0) {
-            if let Some(last) = all.last() {
-                body["servers_links"] = json!([{
-                    "rel": "next",
-                    "href": format!("{}/compute/v2.1/servers/detail?limit={limit}&marker={}", self.base, last.id),
-                }]);
-            }
+        if (more || all.len() == limit)
+            && let Some(last) = all.last()
+        {
+            body["servers_links"] = json!([{
+                "rel": "next",
+                "href": format!("{}/compute/v2.1/servers/detail?limit={limit}&marker={}", self.base, last.id),
+            }]);
         }
         (StatusCode::OK, axum::Json(body)).into_response()
     }
@@ -541,16 +541,16 @@ impl Inner {
             return error(StatusCode::BAD_REQUEST, "badRequest", &message);
         }
         let live = self.servers.iter().filter(|s| s.deleted.is_none()).count();
-        if let Some(q) = self.quota {
-            if live >= q {
-                let message =
-                    format!("Quota exceeded for instances: Requested 1, but already used {live} of {q} instances");
-                return if self.quota_status == 413 {
-                    error(StatusCode::PAYLOAD_TOO_LARGE, "overLimit", &message)
-                } else {
-                    error(StatusCode::FORBIDDEN, "forbidden", &message)
-                };
-            }
+        if let Some(q) = self.quota
+            && live >= q
+        {
+            let message =
+                format!("Quota exceeded for instances: Requested 1, but already used {live} of {q} instances");
+            return if self.quota_status == 413 {
+                error(StatusCode::PAYLOAD_TOO_LARGE, "overLimit", &message)
+            } else {
+                error(StatusCode::FORBIDDEN, "forbidden", &message)
+            };
         }
         let id = new_uuid(self.servers.len() as u64 + 1);
         let s = &body["server"];
@@ -560,10 +560,10 @@ impl Inner {
             .unwrap_or_default();
         let fault = self.next_boot_faults.pop_front();
         for n in s["networks"].as_array().into_iter().flatten() {
-            if let Some(port) = n.get("port").and_then(Value::as_str) {
-                if let Some(p) = self.ports.iter_mut().find(|p| p.id == port) {
-                    p.device_id = Some(id.clone());
-                }
+            if let Some(port) = n.get("port").and_then(Value::as_str)
+                && let Some(p) = self.ports.iter_mut().find(|p| p.id == port)
+            {
+                p.device_id = Some(id.clone());
             }
         }
         self.servers.push(Server {
