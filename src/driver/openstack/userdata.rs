@@ -26,9 +26,13 @@ pub const RESERVED: &[&str] = &["name", "group", "cluster", "join_url", "join_to
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot render user data template {origin}: {source:#}")]
+    #[error(
+        "cannot render the user data template: {source}{}",
+        if unknown.is_empty() { String::new() } else { format!("; unknown variables: {}", unknown.join(", ")) }
+    )]
     Render {
-        origin: String,
+        /// Variables the template uses that its context does not have.
+        unknown: Vec<String>,
         #[source]
         source: minijinja::Error,
     },
@@ -86,8 +90,15 @@ impl UserData {
             "join_token".into(),
             self.join_token.as_ref().map(|s| Value::from(s.expose())).unwrap_or(Value::Null),
         );
-        env.render_str(&self.template, Value::Object(ctx))
-            .map_err(|source| Error::Render { origin: self.origin.clone(), source })
+        let template = env
+            .template_from_named_str(&self.origin, &self.template)
+            .map_err(|source| Error::Render { unknown: Vec::new(), source })?;
+        template.render(Value::Object(ctx.clone())).map_err(|source| {
+            let mut unknown: Vec<String> =
+                template.undeclared_variables(false).into_iter().filter(|v| !ctx.contains_key(v)).collect();
+            unknown.sort();
+            Error::Render { unknown, source }
+        })
     }
 
     /// The user data of one machine, ready for Nova (not yet base64-encoded).
