@@ -716,3 +716,41 @@ allowed_address_pairs = ["10.42.0.0/16"]
     assert_eq!(fake.count(Method::POST, "/network/v2.0/ports"), 2);
     fake.assert_clean();
 }
+
+#[tokio::test]
+async fn cluster_autoscaler_sees_flavor_capacity_and_boots_that_found_no_host() {
+    use flotilla::proto::{externalgrpc as pb, k8s};
+    use prost::Message;
+
+    let fake = Fake::start().await;
+    let (server, mut c) = support::start(&config_text(&fake, "", PLAIN_MACHINE)).await;
+    let r = c
+        .node_group_template_node_info(pb::NodeGroupTemplateNodeInfoRequest { id: "workers".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = if r.node_bytes.is_empty() { r.node_info } else { r.node_bytes };
+    let node = k8s::Node::decode(bytes.as_slice()).unwrap();
+    let status = node.status.unwrap();
+    let capacity = |k: &str| status.capacity.get(k).map(|q| q.string.clone());
+    assert_eq!(capacity("cpu").as_deref(), Some("4"));
+    assert_eq!(capacity("memory").as_deref(), Some("16Gi"));
+    assert_eq!(capacity("ephemeral-storage").as_deref(), Some("70Gi"));
+    let labels = node.metadata.unwrap().labels;
+    assert_eq!(labels.get("node.kubernetes.io/instance-type").map(String::as_str), Some("io.70GB"));
+
+    fake.fail_next_boot("No valid host was found. There are not enough hosts available.");
+    support::increase(&mut c, "workers", 1).await.unwrap();
+    let error = support::eventually(LIMIT, "the failed boot to be reported", || {
+        let mut c = c.clone();
+        async move {
+            let _ = support::refresh(&mut c).await;
+            support::nodes(&mut c, "workers").await.into_iter().find_map(|(_, _, e)| e)
+        }
+    })
+    .await;
+    assert_eq!(error.error_code, "NO_VALID_HOST");
+    assert_eq!(error.instance_error_class, ErrorClass::OutOfResources.wire_value());
+    server.stop().await.unwrap();
+    fake.assert_clean();
+}
