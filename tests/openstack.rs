@@ -302,6 +302,8 @@ async fn a_token_is_renewed_before_it_expires() {
         }
     })
     .await;
+    let times = fake.token_times();
+    assert!(times[1].0 < times[0].1, "the second token was issued before the first expired");
     assert!(fake.requests().iter().all(|r| r.status != 401), "no request ever went out with an expired token");
     fake.assert_clean();
 }

@@ -94,6 +94,8 @@ struct Inner {
     latency: Duration,
     token_lifetime: Duration,
     tokens: HashMap<String, SystemTime>,
+    /// (issued, expires) of every token, in issue order.
+    token_times: Vec<(SystemTime, SystemTime)>,
     issued: u32,
     build_time: Duration,
     delete_time: Duration,
@@ -153,6 +155,7 @@ impl Fake {
             latency: Duration::ZERO,
             token_lifetime: Duration::from_secs(3600),
             tokens: HashMap::new(),
+            token_times: Vec::new(),
             issued: 0,
             build_time: Duration::from_millis(200),
             delete_time: Duration::ZERO,
@@ -236,6 +239,11 @@ impl Fake {
     /// Keystone forgets every token it issued (as after a revocation).
     pub fn revoke_tokens(&self) {
         self.lock().tokens.clear();
+    }
+
+    /// (issued, expires) of every token issued, in order.
+    pub fn token_times(&self) -> Vec<(SystemTime, SystemTime)> {
+        self.lock().token_times.clone()
     }
 
     pub fn tokens_issued(&self) -> u32 {
@@ -393,6 +401,7 @@ impl Inner {
         let now = SystemTime::now();
         let expires = now + self.token_lifetime;
         self.tokens.insert(token.clone(), expires);
+        self.token_times.push((now, expires));
         let body = json!({ "token": {
             "methods": methods,
             "issued_at": rfc3339(now),
