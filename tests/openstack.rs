@@ -756,3 +756,18 @@ async fn cluster_autoscaler_sees_flavor_capacity_and_boots_that_found_no_host() 
     server.stop().await.unwrap();
     fake.assert_clean();
 }
+
+#[tokio::test]
+async fn a_private_clouds_ca_bundle_or_insecure_lets_the_driver_in() {
+    let fake = Fake::start_tls().await;
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fakes/openstack/tls/ca.pem");
+    let trusted = driver_of(&config_text(&fake, &format!("ca_file = \"{ca}\""), PLAIN_MACHINE));
+    trusted.list().await.unwrap();
+    let untrusted = driver_of(&config_text(&fake, "", PLAIN_MACHINE));
+    let e = untrusted.list().await.unwrap_err();
+    assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+    let insecure = driver_of(&config_text(&fake, "insecure = true", PLAIN_MACHINE));
+    insecure.list().await.unwrap();
+    assert_eq!(fake.tokens_issued(), 2, "only the trusting drivers got a token");
+    fake.assert_clean();
+}

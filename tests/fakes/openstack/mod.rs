@@ -147,9 +147,21 @@ fn unauthorized() -> Response {
 }
 
 impl Fake {
+    /// A fake over plain HTTP.
     pub async fn start() -> Fake {
+        Fake::start_with(false).await
+    }
+
+    /// A fake over HTTPS, with a certificate for 127.0.0.1 signed by the test CA in
+    /// `tls/ca.pem` (as a private cloud's would be).
+    pub async fn start_tls() -> Fake {
+        Fake::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls { "https" } else { "http" };
+        let base = format!("{scheme}://{}", listener.local_addr().unwrap());
         let inner = Arc::new(Mutex::new(Inner {
             base: base.clone(),
             latency: Duration::ZERO,
@@ -175,7 +187,12 @@ impl Fake {
             zones: ["nova".to_owned(), "az-2".to_owned()].into(),
         }));
         let app = Router::new().fallback(handle).with_state(Arc::clone(&inner));
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        if tls {
+            let listener = TlsListener { tcp: listener, acceptor: tls_acceptor() };
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        } else {
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        }
         Fake { base, inner }
     }
 
@@ -863,4 +880,45 @@ fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(include_bytes!("tls/server.pem")).collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(include_bytes!("tls/server.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// Accepts TLS connections; a client that rejects the certificate is simply dropped.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else { continue };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }
