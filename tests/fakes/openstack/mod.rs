@@ -814,6 +814,12 @@ async fn handle(
     if !body.is_empty() && json_body.is_none() {
         i.problems.push(format!("{method} {path}: body is not JSON"));
     }
+    if (method == Method::GET || method == Method::DELETE) && !body.is_empty() {
+        i.problems.push(format!("{method} {path} with a body"));
+    }
+    if method == Method::POST && headers.get("Content-Type").and_then(|v| v.to_str().ok()) != Some("application/json") {
+        i.problems.push(format!("POST {path} without Content-Type: application/json"));
+    }
     let response = if method == Method::POST && path == "/identity/v3/auth/tokens" {
         i.issue_token(json_body.as_ref())
     } else {
