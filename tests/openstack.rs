@@ -771,3 +771,20 @@ async fn a_private_clouds_ca_bundle_or_insecure_lets_the_driver_in() {
     assert_eq!(fake.tokens_issued(), 2, "only the trusting drivers got a token");
     fake.assert_clean();
 }
+
+#[tokio::test]
+async fn endpoints_come_from_the_catalog_entry_of_the_configured_region_and_interface() {
+    let fake = Fake::start().await;
+    add(&fake, "dev-cluster-workers-aaaaa", &ours("workers"));
+    let internal = driver_of(&config_text(&fake, "interface = \"internal\"", PLAIN_MACHINE));
+    assert_eq!(internal.list().await.unwrap().len(), 1);
+    let two = driver_of(&config_text(&fake, "", PLAIN_MACHINE).replace("\"RegionOne\"", "\"RegionTwo\""));
+    assert_eq!(two.list().await.unwrap().len(), 1);
+    // RegionTwo has Nova but no Glance in the catalog.
+    let e = two.create("workers", "dev-cluster-workers-bbbbb").await.unwrap_err();
+    assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("no image endpoint")), "{e:?}");
+    let paths: Vec<String> =
+        fake.requests().into_iter().filter(|r| r.path.ends_with("/servers/detail")).map(|r| r.path).collect();
+    assert_eq!(paths, ["/internal/compute/v2.1/servers/detail", "/region-two/compute/v2.1/servers/detail"]);
+    fake.assert_clean();
+}

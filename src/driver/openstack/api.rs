@@ -18,7 +18,8 @@ pub const COMPUTE_MICROVERSION: &str = "2.37";
 /// Failures of one API call.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("authentication failed: {0}")]
+    /// Keystone refused, or the token's catalog lacks the service.
+    #[error(transparent)]
     Auth(#[from] auth::Error),
     #[error("{method} {path} answered {status}: {message}")]
     Status { method: Method, path: String, status: u16, message: String, retry_after: Option<Duration> },

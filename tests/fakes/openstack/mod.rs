@@ -360,9 +360,10 @@ impl Inner {
         json!([
             { "type": "compute", "name": "nova", "id": "svc-compute", "endpoints": [
                 ep("c1", "public", "RegionOne", format!("{b}/compute/v2.1")),
-                // Reached only by a driver picking the wrong interface or region.
-                ep("c2", "internal", "RegionOne", format!("{b}/wrong-interface/compute/v2.1")),
-                ep("c3", "public", "RegionTwo", format!("{b}/wrong-region/compute/v2.1")),
+                // The same Nova behind other interfaces and regions: the path tells which
+                // catalog entry a driver picked.
+                ep("c2", "internal", "RegionOne", format!("{b}/internal/compute/v2.1")),
+                ep("c3", "public", "RegionTwo", format!("{b}/region-two/compute/v2.1")),
             ]},
             { "type": "image", "name": "glance", "id": "svc-image", "endpoints": [
                 ep("i1", "public", "RegionOne", format!("{b}/image")),
@@ -690,6 +691,7 @@ impl Inner {
     ) -> Response {
         let not_found = |what: &str| error(StatusCode::NOT_FOUND, "itemNotFound", what);
         let ok = |v: Value| (StatusCode::OK, axum::Json(v)).into_response();
+        let path = path.strip_prefix("/internal").or_else(|| path.strip_prefix("/region-two")).unwrap_or(path);
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match (method.clone(), segments.as_slice()) {
             (Method::GET, ["compute", "v2.1", "servers", "detail"]) => self.list_servers(query),
@@ -828,7 +830,7 @@ async fn handle(
         if token.is_none() {
             i.problems.push(format!("{method} {path} without X-Auth-Token"));
         }
-        if path.starts_with("/compute/") {
+        if path.contains("/compute/") {
             let mv = headers.get("OpenStack-API-Version").and_then(|v| v.to_str().ok()).unwrap_or_default();
             if mv != format!("compute {MICROVERSION}") {
                 i.problems.push(format!("{method} {path} asks for microversion {mv:?}"));
@@ -845,7 +847,7 @@ async fn handle(
             r
         } else {
             let mut r = i.route(&method, &path, &query, json_body.as_ref());
-            if path.starts_with("/compute/") {
+            if path.contains("/compute/") {
                 r.headers_mut().insert("OpenStack-API-Version", HeaderValue::from_static("compute 2.37"));
             }
             r
