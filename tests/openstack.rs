@@ -788,3 +788,20 @@ async fn endpoints_come_from_the_catalog_entry_of_the_configured_region_and_inte
     assert_eq!(paths, ["/internal/compute/v2.1/servers/detail", "/region-two/compute/v2.1/servers/detail"]);
     fake.assert_clean();
 }
+
+#[tokio::test]
+async fn a_listing_that_does_not_advance_is_an_error_not_a_hang() {
+    let fake = Fake::start().await;
+    let driver = driver_of(&config_text(&fake, "", PLAIN_MACHINE));
+    let stuck = json!({
+        "servers": [{ "id": "s-1", "name": "dev-cluster-workers-aaaaa", "status": "ACTIVE",
+                      "metadata": { META_CLUSTER: CLUSTER, META_GROUP: "workers" } }],
+        "servers_links": [{ "rel": "next", "href": format!("{}/compute/v2.1/servers/detail?limit=2&marker=s-1", fake.base) }],
+    });
+    fake.inject(Method::GET, "/compute/v2.1/servers/detail", 200, stuck.clone());
+    fake.inject(Method::GET, "/compute/v2.1/servers/detail", 200, stuck);
+    let e = driver.list().await.unwrap_err();
+    assert!(matches!(&e, Error::Other(m) if m.contains("marker s-1")), "{e:?}");
+    assert_eq!(fake.count(Method::GET, "/servers/detail"), 2);
+    fake.assert_clean();
+}

@@ -37,6 +37,8 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    #[error("nova's server listing does not advance past marker {0}")]
+    Pagination(String),
     #[error("{method} {path}: cannot decode the answer: {source}")]
     Decode {
         method: Method,
@@ -80,7 +82,7 @@ impl From<Error> for driver::Error {
             },
             Error::Timeout { .. } => driver::Error::Timeout(text),
             Error::Transport { .. } => driver::Error::Unavailable(text),
-            Error::Decode { .. } => driver::Error::Other(text),
+            Error::Decode { .. } | Error::Pagination(_) => driver::Error::Other(text),
         }
     }
 }
@@ -305,13 +307,16 @@ impl Api {
             out.extend(page.servers);
             // The next link's host is whatever Nova thinks its public URL is, which behind a
             // proxy may not be reachable: only its marker is used, with our own endpoint.
-            marker = match (next, last) {
-                (Some(href), Some(last)) => Some(query_param(&href, "marker").unwrap_or(last)),
-                _ => None,
+            let next = match (next, last) {
+                (Some(href), Some(last)) => query_param(&href, "marker").unwrap_or(last),
+                _ => return Ok(out),
             };
-            if marker.is_none() {
-                return Ok(out);
+            // A listing that never ends would hang every Refresh: a partial one must not pass
+            // for complete either (missing machines would look deleted).
+            if marker.as_ref() == Some(&next) {
+                return Err(Error::Pagination(next));
             }
+            marker = Some(next);
         }
     }
 
