@@ -257,7 +257,11 @@ async fn delete_is_idempotent_and_refuses_servers_not_marked_as_ours() {
     let driver = driver_of(&config_text(&fake, "", PLAIN_MACHINE));
     let m = driver.create("workers", "dev-cluster-workers-aaaaa").await.unwrap();
     let r = MachineRef::from(&m);
+    fake.set_delete_time(Duration::from_secs(3600));
     driver.delete(&r).await.unwrap();
+    driver.delete(&r).await.unwrap();
+    assert_eq!(fake.count(Method::DELETE, &m.id), 1, "a server already being deleted is not deleted again");
+    fake.set_delete_time(Duration::ZERO);
     assert!(fake.servers().is_empty());
     assert!(matches!(driver.delete(&r).await, Err(Error::NotFound(_))));
 
@@ -803,5 +807,16 @@ async fn a_listing_that_does_not_advance_is_an_error_not_a_hang() {
     let e = driver.list().await.unwrap_err();
     assert!(matches!(&e, Error::Other(m) if m.contains("marker s-1")), "{e:?}");
     assert_eq!(fake.count(Method::GET, "/servers/detail"), 2);
+    fake.assert_clean();
+}
+
+#[tokio::test]
+async fn user_data_over_novas_limit_is_refused_before_any_call() {
+    let fake = Fake::start().await;
+    let machine = format!("{PLAIN_MACHINE}user_data = \"{{% for i in range(50000) %}}x{{% endfor %}}\"\n");
+    let driver = driver_of(&config_text(&fake, "", &machine));
+    let e = driver.create("workers", "dev-cluster-workers-aaaaa").await.unwrap_err();
+    assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("Nova accepts at most 65535")), "{e:?}");
+    assert_eq!(fake.count(Method::POST, "/compute/v2.1/servers"), 0);
     fake.assert_clean();
 }

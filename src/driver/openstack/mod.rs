@@ -714,6 +714,10 @@ impl Driver for OpenStack {
                 machine.id, self.cluster, machine.group
             )));
         }
+        if server.task_state.as_deref() == Some("deleting") {
+            // An earlier delete is under way; asking again changes nothing.
+            return Ok(());
+        }
         // Nova deletes only the ports it made itself; the ones made for this server go after it.
         let ports = if self.groups.get(&machine.group).is_some_and(|g| !g.ports.is_empty()) {
             let prefix = format!("{}-port", server.name);
