@@ -11,7 +11,10 @@ fn check_config_accepts_the_examples() {
     let mut checked = 0;
     for entry in std::fs::read_dir("examples").unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
+        // Driver examples name secrets the user provides; their own suites check them with
+        // stand-ins. The simulated ones are self-contained.
+        let self_contained = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("simulated"));
+        if self_contained && path.extension().is_some_and(|e| e == "toml") {
             let out = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
             assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
             checked += 1;

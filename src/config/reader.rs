@@ -279,6 +279,11 @@ impl<'a> Section<'a> {
         out
     }
 
+    /// A raw value of any type (free-form data such as a driver's template variables).
+    pub fn raw(&mut self, key: &'a str) -> Option<&'a Value> {
+        self.take(key)
+    }
+
     /// An optional sub-table.
     pub fn section(&mut self, key: &'a str, p: &mut Problems) -> Option<Section<'a>> {
         let path = self.key_path(key);

@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use crate::config::{CLOUD_KEYS, Config, Problems, Section};
 
 pub mod metered;
+pub mod openstack;
 pub mod simulated;
 
 /// One machine as the cloud reports it.
@@ -192,13 +193,15 @@ pub trait Driver: Send + Sync + fmt::Debug {
 pub type SharedDriver = Arc<dyn Driver>;
 
 /// Drivers Flotilla knows, for messages.
-pub const KINDS: &[&str] = &["simulated"];
+pub const KINDS: &[&str] = &["simulated", "openstack"];
 
 /// The provider-id format a driver's machines get unless a group says otherwise: what the
 /// node's kubelet or cloud controller sets.
 pub fn default_provider_id(driver: &str) -> &'static str {
     match driver {
         "simulated" => "simulated://{cluster}/{name}",
+        // What the OpenStack cloud controller manager sets.
+        "openstack" => "openstack:///{id}",
         _ => "{name}",
     }
 }
@@ -236,6 +239,29 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
                         p.push(section.key_path("state_file"), format!("cannot load: {e}"));
                         None
                     }
+                }
+            }
+            "openstack" => {
+                let settings = openstack::CloudSettings::parse(&mut section, p);
+                let mut groups = Vec::new();
+                let wanted = machines.len();
+                for (name, mut m) in machines.drain(..) {
+                    if let Some(g) = openstack::GroupSettings::parse(&config.cluster_name, name, &mut m, p) {
+                        groups.push((name.to_owned(), g));
+                    }
+                    m.finish(p);
+                }
+                match settings {
+                    Some(settings) if groups.len() == wanted => {
+                        match openstack::OpenStack::new(&config.cluster_name, settings, groups) {
+                            Ok(d) => Some(Arc::new(d)),
+                            Err(e) => {
+                                p.push(section.path(), e.to_string());
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
                 }
             }
             other => {

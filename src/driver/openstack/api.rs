@@ -1,0 +1,472 @@
+//! The narrow HTTP client of the OpenStack driver: the handful of Nova, Glance and Neutron calls
+//! it makes, the token on every request, one re-authentication on 401, and the one place where
+//! OpenStack's answers become [`driver::Error`] classes.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use reqwest::{Method, StatusCode};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use super::auth::{self, Session};
+use crate::driver;
+
+/// The compute API microversion every Nova request asks for. 2.37 (Newton) is the oldest that
+/// lets a create say `"networks": "auto"`; nothing else the driver uses is newer.
+pub const COMPUTE_MICROVERSION: &str = "2.37";
+
+/// Failures of one API call.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Keystone refused, or the token's catalog lacks the service.
+    #[error(transparent)]
+    Auth(#[from] auth::Error),
+    #[error("{method} {path} answered {status}: {message}")]
+    Status { method: Method, path: String, status: u16, message: String, retry_after: Option<Duration> },
+    #[error("{method} {path} timed out")]
+    Timeout {
+        method: Method,
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{method} {path} failed: {source}")]
+    Transport {
+        method: Method,
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("nova's server listing does not advance past marker {0}")]
+    Pagination(String),
+    #[error("{method} {path}: cannot decode the answer: {source}")]
+    Decode {
+        method: Method,
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn mentions_quota(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("quota exceeded") || m.contains("quotaexceeded") || m.contains("overquota")
+}
+
+fn mentions_no_capacity(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("no valid host") || m.contains("insufficient capacity")
+}
+
+impl From<Error> for driver::Error {
+    fn from(e: Error) -> driver::Error {
+        let text = e.to_string();
+        match &e {
+            Error::Auth(auth::Error::Keystone { status: 401 | 403, .. }) => driver::Error::Unauthorized(text),
+            Error::Auth(auth::Error::Keystone { status, .. }) if *status >= 500 => driver::Error::Unavailable(text),
+            Error::Auth(auth::Error::Keystone { .. }) => driver::Error::InvalidRequest(text),
+            Error::Auth(auth::Error::Transport { source, .. }) if source.is_timeout() => driver::Error::Timeout(text),
+            Error::Auth(auth::Error::Transport { .. }) => driver::Error::Unavailable(text),
+            Error::Auth(auth::Error::NoEndpoint { .. }) => driver::Error::InvalidRequest(text),
+            Error::Auth(auth::Error::Malformed(_)) => driver::Error::Other(text),
+            Error::Status { status, message, retry_after, .. } => match *status {
+                _ if mentions_quota(message) || mentions_no_capacity(message) => driver::Error::OutOfResources(text),
+                401 => driver::Error::Unauthorized(text),
+                403 => driver::Error::Unauthorized(text),
+                404 => driver::Error::NotFound(text),
+                // Nova answered 413 with Retry-After for rate limits before it had 429.
+                413 | 429 => driver::Error::RateLimited { message: text, retry_after: *retry_after },
+                400 | 409 | 422 => driver::Error::InvalidRequest(text),
+                s if s >= 500 => driver::Error::Unavailable(text),
+                _ => driver::Error::Other(text),
+            },
+            Error::Timeout { .. } => driver::Error::Timeout(text),
+            Error::Transport { .. } => driver::Error::Unavailable(text),
+            Error::Decode { .. } | Error::Pagination(_) => driver::Error::Other(text),
+        }
+    }
+}
+
+/// The message of an OpenStack error body: Nova's `{"forbidden": {"code": 403, "message":
+/// ...}}`, Keystone's `{"error": {...}}`, Neutron's `{"NeutronError": {...}}`, or the text itself.
+pub fn error_message(text: &str) -> String {
+    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text) {
+        for v in map.values() {
+            if let Some(m) = v.get("message").and_then(Value::as_str) {
+                return m.to_owned();
+            }
+        }
+        if let Some(m) = map.get("message").and_then(Value::as_str) {
+            return m.to_owned();
+        }
+    }
+    let text = text.trim();
+    if text.is_empty() { "(no message)".to_owned() } else { text.chars().take(300).collect() }
+}
+
+/// The services the driver calls, by catalog type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Compute,
+    Image,
+    Network,
+}
+
+impl Service {
+    fn catalog_type(self) -> &'static str {
+        match self {
+            Service::Compute => "compute",
+            Service::Image => "image",
+            Service::Network => "network",
+        }
+    }
+
+    /// The version prefix paths of this service start with; catalogs list Glance and Neutron
+    /// with or without it.
+    fn version_prefix(self) -> &'static str {
+        match self {
+            Service::Compute => "",
+            Service::Image => "/v2",
+            Service::Network => "/v2.0",
+        }
+    }
+}
+
+/// A Nova server, as much of it as the driver reads.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Server {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub fault: Option<Fault>,
+    #[serde(rename = "OS-EXT-STS:task_state", default)]
+    pub task_state: Option<String>,
+}
+
+/// Why Nova put a server in ERROR.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Fault {
+    #[serde(default)]
+    pub code: Option<u16>,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Flavor {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u64,
+    /// MiB.
+    pub ram: u64,
+    /// Root disk, GiB.
+    #[serde(default)]
+    pub disk: u64,
+}
+
+#[derive(Deserialize)]
+struct ServersPage {
+    servers: Vec<Server>,
+    #[serde(default)]
+    servers_links: Vec<Link>,
+}
+
+#[derive(Deserialize)]
+struct Link {
+    href: String,
+    rel: String,
+}
+
+#[derive(Deserialize)]
+struct Named {
+    id: String,
+    #[serde(default)]
+    name: String,
+}
+
+/// The client: one Keystone session and the endpoints its catalog names.
+#[derive(Debug)]
+pub struct Api {
+    http: reqwest::Client,
+    session: Session,
+    interface: String,
+    region: Option<String>,
+    page_size: u32,
+}
+
+impl Api {
+    pub fn new(
+        http: reqwest::Client,
+        session: Session,
+        interface: String,
+        region: Option<String>,
+        page_size: u32,
+    ) -> Api {
+        Api { http, session, interface, region, page_size }
+    }
+
+    /// Calls one API; on 401 forgets the token and tries once more with a new one.
+    async fn call(
+        &self,
+        service: Service,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Vec<u8>), Error> {
+        let mut retried = false;
+        loop {
+            let token = self.session.token().await?;
+            let base = token.endpoint(service.catalog_type(), &self.interface, self.region.as_deref())?;
+            let prefix = service.version_prefix();
+            let base = base.strip_suffix(prefix).unwrap_or(&base);
+            let url = format!("{base}{prefix}{path}");
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .header("X-Auth-Token", token.value())
+                .header("Accept", "application/json");
+            if service == Service::Compute {
+                request = request
+                    .header("OpenStack-API-Version", format!("compute {COMPUTE_MICROVERSION}"))
+                    .header("X-OpenStack-Nova-API-Version", COMPUTE_MICROVERSION);
+            }
+            if !query.is_empty() {
+                request = request.query(query);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let fail = |source: reqwest::Error| {
+                if source.is_timeout() {
+                    Error::Timeout { method: method.clone(), path: path.to_owned(), source }
+                } else {
+                    Error::Transport { method: method.clone(), path: path.to_owned(), source }
+                }
+            };
+            let response = request.send().await.map_err(fail)?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !retried {
+                // Revoked or expired early: one new token, one more try.
+                tracing::debug!(%method, path, "token rejected, authenticating again");
+                self.session.invalidate(&token).await;
+                retried = true;
+                continue;
+            }
+            let retry_after = response
+                .headers()
+                .get("Retry-After")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let bytes = response.bytes().await.map_err(fail)?.to_vec();
+            if !status.is_success() {
+                return Err(Error::Status {
+                    method,
+                    path: path.to_owned(),
+                    status: status.as_u16(),
+                    message: error_message(&String::from_utf8_lossy(&bytes)),
+                    retry_after,
+                });
+            }
+            return Ok((status, bytes));
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        service: Service,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, Error> {
+        let (_, bytes) = self.call(service, Method::GET, path, query, None).await?;
+        serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
+            method: Method::GET,
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Every server of the project, following Nova's pagination (`limit` + `marker`).
+    pub async fn list_servers(&self) -> Result<Vec<Server>, Error> {
+        let mut out = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let mut query = vec![("limit", self.page_size.to_string())];
+            if let Some(m) = &marker {
+                query.push(("marker", m.clone()));
+            }
+            let page: ServersPage = self.get(Service::Compute, "/servers/detail", &query).await?;
+            let next = page.servers_links.iter().find(|l| l.rel == "next").map(|l| l.href.clone());
+            let last = page.servers.last().map(|s| s.id.clone());
+            out.extend(page.servers);
+            // The next link's host is whatever Nova thinks its public URL is, which behind a
+            // proxy may not be reachable: only its marker is used, with our own endpoint.
+            let next = match (next, last) {
+                (Some(href), Some(last)) => query_param(&href, "marker").unwrap_or(last),
+                _ => return Ok(out),
+            };
+            // A listing that never ends would hang every Refresh: a partial one must not pass
+            // for complete either (missing machines would look deleted).
+            if marker.as_ref() == Some(&next) {
+                return Err(Error::Pagination(next));
+            }
+            marker = Some(next);
+        }
+    }
+
+    pub async fn get_server(&self, id: &str) -> Result<Server, Error> {
+        #[derive(Deserialize)]
+        struct One {
+            server: Server,
+        }
+        let one: One = self.get(Service::Compute, &format!("/servers/{id}"), &[]).await?;
+        Ok(one.server)
+    }
+
+    /// `POST /servers`; returns the new server's id once Nova accepted it.
+    pub async fn create_server(&self, body: &Value) -> Result<String, Error> {
+        #[derive(Deserialize)]
+        struct Created {
+            server: CreatedServer,
+        }
+        #[derive(Deserialize)]
+        struct CreatedServer {
+            id: String,
+        }
+        let (_, bytes) = self.call(Service::Compute, Method::POST, "/servers", &[], Some(body)).await?;
+        let created: Created = serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
+            method: Method::POST,
+            path: "/servers".into(),
+            source,
+        })?;
+        Ok(created.server.id)
+    }
+
+    pub async fn delete_server(&self, id: &str) -> Result<(), Error> {
+        self.call(Service::Compute, Method::DELETE, &format!("/servers/{id}"), &[], None).await.map(|_| ())
+    }
+
+    /// Servers whose name matches exactly (Nova's `name` filter is a regular expression).
+    pub async fn servers_named(&self, name: &str) -> Result<Vec<Server>, Error> {
+        let page: ServersPage =
+            self.get(Service::Compute, "/servers/detail", &[("name", format!("^{}$", regex_escape(name)))]).await?;
+        Ok(page.servers.into_iter().filter(|s| s.name == name).collect())
+    }
+
+    pub async fn flavors(&self) -> Result<Vec<Flavor>, Error> {
+        #[derive(Deserialize)]
+        struct Flavors {
+            flavors: Vec<Flavor>,
+        }
+        let f: Flavors = self.get(Service::Compute, "/flavors/detail", &[]).await?;
+        Ok(f.flavors)
+    }
+
+    pub async fn flavor_extra_specs(&self, id: &str) -> Result<BTreeMap<String, String>, Error> {
+        #[derive(Deserialize)]
+        struct Specs {
+            extra_specs: BTreeMap<String, String>,
+        }
+        let s: Specs = self.get(Service::Compute, &format!("/flavors/{id}/os-extra_specs"), &[]).await?;
+        Ok(s.extra_specs)
+    }
+
+    /// Ids of Glance images with this exact name.
+    pub async fn images_named(&self, name: &str) -> Result<Vec<String>, Error> {
+        #[derive(Deserialize)]
+        struct Images {
+            images: Vec<Named>,
+        }
+        let i: Images = self.get(Service::Image, "/images", &[("name", name.to_owned())]).await?;
+        Ok(i.images.into_iter().map(|n| n.id).collect())
+    }
+
+    /// Ids of Neutron networks with this exact name.
+    pub async fn networks_named(&self, name: &str) -> Result<Vec<String>, Error> {
+        #[derive(Deserialize)]
+        struct Networks {
+            networks: Vec<Named>,
+        }
+        let n: Networks = self.get(Service::Network, "/networks", &[("name", name.to_owned())]).await?;
+        Ok(n.networks.into_iter().map(|n| n.id).collect())
+    }
+
+    /// Ids of Neutron security groups with this exact name.
+    pub async fn security_groups_named(&self, name: &str) -> Result<Vec<String>, Error> {
+        #[derive(Deserialize)]
+        struct Groups {
+            security_groups: Vec<Named>,
+        }
+        let g: Groups = self.get(Service::Network, "/security-groups", &[("name", name.to_owned())]).await?;
+        Ok(g.security_groups.into_iter().map(|n| n.id).collect())
+    }
+
+    /// `POST /v2.0/ports`; returns the new port's id.
+    pub async fn create_port(&self, body: &Value) -> Result<String, Error> {
+        #[derive(Deserialize)]
+        struct Created {
+            port: Named,
+        }
+        let (_, bytes) = self.call(Service::Network, Method::POST, "/ports", &[], Some(body)).await?;
+        let created: Created = serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
+            method: Method::POST,
+            path: "/ports".into(),
+            source,
+        })?;
+        Ok(created.port.id)
+    }
+
+    /// Ports bound to a server, as (id, name).
+    pub async fn ports_of(&self, server_id: &str) -> Result<Vec<(String, String)>, Error> {
+        #[derive(Deserialize)]
+        struct Ports {
+            ports: Vec<Named>,
+        }
+        let p: Ports = self.get(Service::Network, "/ports", &[("device_id", server_id.to_owned())]).await?;
+        Ok(p.ports.into_iter().map(|n| (n.id, n.name)).collect())
+    }
+
+    pub async fn delete_port(&self, id: &str) -> Result<(), Error> {
+        self.call(Service::Network, Method::DELETE, &format!("/ports/{id}"), &[], None).await.map(|_| ())
+    }
+
+    /// Ids of Nova server groups with this name.
+    pub async fn server_groups_named(&self, name: &str) -> Result<Vec<String>, Error> {
+        #[derive(Deserialize)]
+        struct Groups {
+            server_groups: Vec<Named>,
+        }
+        let g: Groups = self.get(Service::Compute, "/os-server-groups", &[]).await?;
+        Ok(g.server_groups.into_iter().filter(|g| g.name == name).map(|g| g.id).collect())
+    }
+
+    /// Fetches a token (for `check`).
+    pub async fn authenticate(&self) -> Result<(), Error> {
+        let token = self.session.token().await?;
+        token.endpoint("compute", &self.interface, self.region.as_deref())?;
+        Ok(())
+    }
+}
+
+/// One query parameter of a URL, percent-decoded.
+fn query_param(href: &str, key: &str) -> Option<String> {
+    let url = reqwest::Url::parse(href).ok()?;
+    url.query_pairs().find(|(k, _)| k == key).map(|(_, v)| v.into_owned())
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
