@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use crate::config::{CLOUD_KEYS, Config, Problems, Section};
 
 pub mod metered;
+pub mod proxmox;
 pub mod simulated;
 
 /// One machine as the cloud reports it.
@@ -192,13 +193,14 @@ pub trait Driver: Send + Sync + fmt::Debug {
 pub type SharedDriver = Arc<dyn Driver>;
 
 /// Drivers Flotilla knows, for messages.
-pub const KINDS: &[&str] = &["simulated"];
+pub const KINDS: &[&str] = &["simulated", "proxmox"];
 
 /// The provider-id format a driver's machines get unless a group says otherwise: what the
 /// node's kubelet or cloud controller sets.
 pub fn default_provider_id(driver: &str) -> &'static str {
     match driver {
         "simulated" => "simulated://{cluster}/{name}",
+        "proxmox" => "proxmox://{region}/{id}",
         _ => "{name}",
     }
 }
@@ -236,6 +238,30 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
                         p.push(section.key_path("state_file"), format!("cannot load: {e}"));
                         None
                     }
+                }
+            }
+            "proxmox" => {
+                let cloud_settings = proxmox::CloudSettings::parse(&mut section, p);
+                let mut groups = std::collections::HashMap::new();
+                let mut prefixes = Vec::new();
+                for (group, mut m) in machines.drain(..) {
+                    if let Some(g) = proxmox::GroupSettings::parse(group, &mut m, p) {
+                        groups.insert(group.to_owned(), g);
+                    }
+                    m.finish(p);
+                    if let Some(gc) = config.groups.iter().find(|g| g.name == group) {
+                        prefixes.push((group.to_owned(), gc.name_prefix.clone()));
+                    }
+                }
+                match cloud_settings {
+                    Some(settings) => match proxmox::Proxmox::new(&config.cluster_name, settings, groups, prefixes) {
+                        Ok(d) => Some(Arc::new(d)),
+                        Err(e) => {
+                            p.push(section.key_path("ca_file"), format!("cannot set up TLS: {e}"));
+                            None
+                        }
+                    },
+                    None => None,
                 }
             }
             other => {
