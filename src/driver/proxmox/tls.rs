@@ -184,68 +184,59 @@ mod tests {
         assert!(client_config(&Trust::PublicRoots).is_ok());
     }
 
-    /// A real handshake over loopback: the pinned certificate connects, another does not.
-    #[tokio::test]
-    async fn a_tls_handshake_succeeds_only_with_the_pinned_certificate() {
+    /// A real HTTPS server on loopback with a self-signed certificate, as a fresh PVE node has.
+    async fn https_server(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> std::net::SocketAddr {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let server_cert = cert();
-        let der = server_cert.cert.der().clone();
-        let key = rustls::pki_types::PrivateKeyDer::try_from(server_cert.signing_key.serialize_der()).unwrap();
-        let server_config = rustls::ServerConfig::builder_with_provider(provider())
+        let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![der.clone()], key)
+            .with_single_cert(vec![cert.cert.der().clone()], key)
             .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let acceptor = Arc::new(server_config);
         tokio::spawn(async move {
             loop {
-                let Ok((mut tcp, _)) = listener.accept().await else { return };
-                let config = Arc::clone(&acceptor);
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let mut conn = rustls::ServerConnection::new(config).unwrap();
-                    // A minimal blocking-style handshake over the async socket.
-                    let mut buf = vec![0u8; 16384];
-                    loop {
-                        if conn.wants_write() {
-                            let mut out = Vec::new();
-                            conn.write_tls(&mut out).unwrap();
-                            if tcp.write_all(&out).await.is_err() {
-                                return;
-                            }
-                        }
-                        if !conn.is_handshaking() {
-                            let _ = tcp.shutdown().await;
-                            return;
-                        }
-                        let n = match tcp.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        let mut slice = &buf[..n];
-                        let _ = conn.read_tls(&mut slice);
-                        if conn.process_new_packets().is_err() {
-                            let mut out = Vec::new();
-                            let _ = conn.write_tls(&mut out);
-                            let _ = tcp.write_all(&out).await;
-                            return;
-                        }
-                    }
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let mut buf = vec![0u8; 4096];
+                    let _ = tls.read(&mut buf).await;
+                    let body = r#"{"data":{"version":"8.2.4"}}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(answer.as_bytes()).await;
+                    let _ = tls.shutdown().await;
                 });
             }
         });
-        let attempt = |pin: [u8; 32]| async move {
-            let config = client_config(&Trust::Fingerprint(pin)).unwrap();
-            let client = reqwest::Client::builder().use_preconfigured_tls(config).build().unwrap();
-            client.get(format!("https://{addr}/api2/json/version")).send().await
-        };
-        // The pinned certificate passes TLS; the request then fails only because this tiny
-        // server speaks no HTTP, which is not a certificate error.
-        let good = attempt(fingerprint(&der)).await.unwrap_err();
-        assert!(!format!("{good:?}").contains("pinned fingerprint"), "{good:?}");
-        let bad = attempt([0u8; 32]).await.unwrap_err();
-        assert!(format!("{bad:?}").contains("pinned fingerprint"), "{bad:?}");
+        addr
+    }
+
+    async fn get_version(trust: Trust, addr: std::net::SocketAddr) -> Result<u16, String> {
+        let client = reqwest::Client::builder().use_preconfigured_tls(client_config(&trust).unwrap()).build().unwrap();
+        match client.get(format!("https://{addr}/api2/json/version")).send().await {
+            Ok(r) => Ok(r.status().as_u16()),
+            Err(e) => Err(format!("{e:?}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn https_works_with_the_pinned_certificate_and_fails_with_any_other_trust() {
+        let server_cert = cert();
+        let addr = https_server(&server_cert).await;
+        let pin = fingerprint(server_cert.cert.der());
+        assert_eq!(get_version(Trust::Fingerprint(pin), addr).await, Ok(200));
+        let wrong = get_version(Trust::Fingerprint([7u8; 32]), addr).await.unwrap_err();
+        assert!(wrong.contains("pinned fingerprint"), "{wrong}");
+        // A self-signed certificate is not trusted by the public roots, nor by an unrelated CA.
+        assert!(get_version(Trust::PublicRoots, addr).await.is_err());
+        let other_ca = cert();
+        assert!(get_version(Trust::CaPem(other_ca.cert.pem().into_bytes()), addr).await.is_err());
     }
 }
