@@ -1,7 +1,7 @@
 //! The Proxmox VE driver against a fake PVE API that checks every request.
-mod support;
 #[path = "fakes/proxmox/mod.rs"]
 mod fake;
+mod support;
 
 use std::{collections::HashSet, time::Duration};
 
@@ -88,7 +88,10 @@ async fn a_create_clones_configures_starts_and_marks_the_vm() {
     // Each task was awaited on the node it runs on (the fake checks the node).
     let polled: HashSet<String> =
         s.calls("GET", "/status").into_iter().filter(|r| r.path.contains("/tasks/")).map(|r| r.path).collect();
-    assert!(polled.iter().any(|p| p.contains(":qmclone:")) && polled.iter().any(|p| p.contains(":qmstart:")), "{polled:?}");
+    assert!(
+        polled.iter().any(|p| p.contains(":qmclone:")) && polled.iter().any(|p| p.contains(":qmstart:")),
+        "{polled:?}"
+    );
     assert!(s.requests.iter().all(|r| r.auth == "token"));
     drop(s);
     t.fake.assert_clean();
@@ -103,7 +106,13 @@ async fn listing_returns_only_this_clusters_vms_and_reports_interrupted_ones_as_
         // Tagged but stopped, and no create running for it: interrupted.
         s.add_vm(201, "pve1", "prod-workers-stop1", "stopped", &[("tags", "flotilla-c-prod;flotilla-g-workers")]);
         // Interrupted between clone and config: untagged, known by name prefix and marker.
-        s.add_vm(202, "pve2", "prod-workers-half1", "stopped", &[("description", "flotilla cluster=prod group=workers")]);
+        s.add_vm(
+            202,
+            "pve2",
+            "prod-workers-half1",
+            "stopped",
+            &[("description", "flotilla cluster=prod group=workers")],
+        );
         // Someone else's: another cluster, an untagged VM with our prefix but no marker, a plain VM.
         s.add_vm(203, "pve1", "other-workers-x", "running", &[("tags", "flotilla-c-other;flotilla-g-workers")]);
         s.add_vm(204, "pve1", "prod-workers-byhand", "running", &[("description", "made by hand")]);
@@ -116,7 +125,11 @@ async fn listing_returns_only_this_clusters_vms_and_reports_interrupted_ones_as_
         machines.iter().map(|m| (m.id.as_str(), m.name.as_str(), m.state == MachineState::Running)).collect();
     assert_eq!(
         summary,
-        [("200", "prod-workers-run01", true), ("201", "prod-workers-stop1", false), ("202", "prod-workers-half1", false)]
+        [
+            ("200", "prod-workers-run01", true),
+            ("201", "prod-workers-stop1", false),
+            ("202", "prod-workers-half1", false)
+        ]
     );
     assert!(machines[1..].iter().all(|m| matches!(&m.state, MachineState::Failed(f) if f.code == "INTERRUPTED")));
     assert!(machines.iter().all(|m| m.group == "workers"));
@@ -169,7 +182,9 @@ async fn concurrent_creates_from_one_pool_never_share_an_address() {
     let err = d.create("workers", "prod-workers-extra").await.unwrap_err();
     assert!(matches!(err, Error::OutOfResources(ref m) if m.contains("exhausted")), "{err}");
     // A deleted VM frees its address for the next create.
-    d.delete(&MachineRef { group: "workers".into(), name: "prod-workers-old01".into(), id: "150".into() }).await.unwrap();
+    d.delete(&MachineRef { group: "workers".into(), name: "prod-workers-old01".into(), id: "150".into() })
+        .await
+        .unwrap();
     let m = d.create("workers", "prod-workers-again").await.unwrap();
     let vmid: u32 = m.id.parse().unwrap();
     assert_eq!(t.fake.state().vms[&vmid].config["ipconfig0"], "ip=10.0.0.12/24,gw=10.0.0.1");
@@ -245,7 +260,9 @@ async fn the_node_waits_for_a_running_system_then_runs_the_join_command() {
         s.faults.agent_down_calls = 2;
         s.faults.starting_answers = 2;
     }
-    let d = t.driver(&t.toml("", &format!("{POOL}join_command = \"k3s-join --node-ip {{{{ ip }}}} --node-name {{{{ name }}}}\"\n")));
+    let d = t.driver(
+        &t.toml("", &format!("{POOL}join_command = \"k3s-join --node-ip {{{{ ip }}}} --node-name {{{{ name }}}}\"\n")),
+    );
     d.create("workers", "prod-workers-join1").await.unwrap();
     let s = t.fake.state();
     assert_eq!(s.vms[&100].joined, ["k3s-join --node-ip 10.0.0.10 --node-name prod-workers-join1"]);
@@ -370,7 +387,9 @@ async fn user_data_is_rendered_into_a_snippet_and_referenced() {
     assert!(text.contains("hostname: prod-workers-ud001"), "{text}");
     assert!(text.contains("echo prod/workers"), "{text}");
     assert_eq!(t.fake.state().vms[&100].config["cicustom"], "user=shared:snippets/flotilla-prod-workers-ud001.yaml");
-    d.delete(&MachineRef { group: "workers".into(), name: "prod-workers-ud001".into(), id: "100".into() }).await.unwrap();
+    d.delete(&MachineRef { group: "workers".into(), name: "prod-workers-ud001".into(), id: "100".into() })
+        .await
+        .unwrap();
     assert!(!file.exists());
     t.fake.assert_clean();
 }
@@ -442,10 +461,23 @@ async fn a_restarted_flotilla_finds_an_interrupted_vm_and_cluster_autoscaler_rem
     .await;
     assert_eq!(failed, "proxmox://dc1/400");
     support::delete(&mut c, "workers", &[failed.as_str()]).await.unwrap();
-    support::eventually(LIMIT, "the interrupted VM destroyed", || async { (!t.fake.state().vms.contains_key(&400)).then_some(()) })
-        .await;
+    support::eventually(LIMIT, "the interrupted VM destroyed", || async {
+        (!t.fake.state().vms.contains_key(&400)).then_some(())
+    })
+    .await;
     // Stopped already: destroyed without a stop.
     assert!(t.fake.state().calls("POST", "qemu/400/status/stop").is_empty());
     server.stop().await.unwrap();
     t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn the_example_configuration_is_valid() {
+    let t = Setup::new().await;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/proxmox.toml")).unwrap();
+    assert!(text.contains("{ env = \"PVE_TOKEN\" }"));
+    let text = text.replace("{ env = \"PVE_TOKEN\" }", &format!("{{ file = \"{}\" }}", t.secret("token")));
+    let config = support::config(&text);
+    let drivers = flotilla::build_drivers(&config).unwrap_or_else(|p| panic!("{p}"));
+    assert_eq!(drivers[0].kind(), "proxmox");
 }

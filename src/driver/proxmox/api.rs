@@ -156,7 +156,13 @@ impl Api {
         self.call(Method::DELETE, path, query, &[]).await
     }
 
-    async fn call(&self, method: Method, path: &str, query: &[(&str, String)], form: &[(&str, String)]) -> Result<Value> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        form: &[(&str, String)],
+    ) -> Result<Value> {
         match self.call_once(&method, path, query, form).await {
             // An expired or revoked ticket: log in again once.
             Err(Error::Status { status: 401, .. }) if matches!(self.auth, Auth::Password { .. }) => {
@@ -240,10 +246,10 @@ impl Api {
             .body(form_urlencoded::Serializer::new(String::new()).extend_pairs(&form).finish());
         let data = self.send(&Method::POST, path, request).await?;
         let field = |k: &str| {
-            data.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| Error::Unexpected {
-                path: path.into(),
-                what: format!("no {k} in the answer"),
-            })
+            data.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| Error::Unexpected { path: path.into(), what: format!("no {k} in the answer") })
         };
         let ticket = Ticket { ticket: field("ticket")?, csrf: field("CSRFPreventionToken")?, obtained: Instant::now() };
         let out = (ticket.ticket.clone(), ticket.csrf.clone());

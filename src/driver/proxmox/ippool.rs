@@ -58,7 +58,10 @@ mod tests {
 
     #[test]
     fn ranges_parse_and_reject_nonsense() {
-        assert_eq!(parse_range("10.0.0.10-10.0.0.12").unwrap(), ("10.0.0.10".parse().unwrap(), "10.0.0.12".parse().unwrap()));
+        assert_eq!(
+            parse_range("10.0.0.10-10.0.0.12").unwrap(),
+            ("10.0.0.10".parse().unwrap(), "10.0.0.12".parse().unwrap())
+        );
         assert!(parse_range("10.0.0.12-10.0.0.10").is_err());
         assert!(parse_range("10.0.0.x-10.0.0.10").is_err());
     }

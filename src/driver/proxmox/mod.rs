@@ -222,7 +222,10 @@ impl GroupSettings {
         let ip_pool = match ip_range {
             None => {
                 if prefix_len.is_some() || gateway.is_some() {
-                    p.push(s.key_path("ip_pool"), "prefix_len and gateway need an ip_pool (without it the VM uses DHCP)");
+                    p.push(
+                        s.key_path("ip_pool"),
+                        "prefix_len and gateway need an ip_pool (without it the VM uses DHCP)",
+                    );
                 }
                 None
             }
@@ -550,12 +553,16 @@ impl Proxmox {
     /// A VMID for the next clone attempt, reserved in-process.
     async fn allocate_vmid(&self, vms: &[Vm], taken: &HashSet<u32>) -> Result<u32> {
         let in_cloud: HashSet<u32> = vms.iter().map(|v| v.vmid).collect();
-        let free = |r: &Reservations, id: u32| !in_cloud.contains(&id) && !taken.contains(&id) && !r.vmids.contains(&id);
+        let free =
+            |r: &Reservations, id: u32| !in_cloud.contains(&id) && !taken.contains(&id) && !r.vmids.contains(&id);
         let from_api = match self.cloud.vmid_range {
             Some(_) => None,
             None => {
                 let data = self.api.get("/cluster/nextid", &[]).await?;
-                let id = data.as_str().and_then(|s| s.parse().ok()).or_else(|| data.as_u64().and_then(|n| u32::try_from(n).ok()));
+                let id = data
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .or_else(|| data.as_u64().and_then(|n| u32::try_from(n).ok()));
                 Some(id.ok_or_else(|| Error::Other(format!("/cluster/nextid answered {data}")))?)
             }
         };
@@ -619,7 +626,13 @@ impl Proxmox {
     }
 
     /// Runs a command through the guest agent and waits for it: (exit code, stdout, stderr).
-    async fn agent_exec(&self, node: &str, vmid: u32, command: &[&str], limit: Duration) -> Result<(i64, String, String)> {
+    async fn agent_exec(
+        &self,
+        node: &str,
+        vmid: u32,
+        command: &[&str],
+        limit: Duration,
+    ) -> Result<(i64, String, String)> {
         let base = format!("/nodes/{node}/qemu/{vmid}/agent");
         let form: Vec<(&str, String)> = command.iter().map(|c| ("command", (*c).to_owned())).collect();
         let answer = self.api.post(&format!("{base}/exec"), &form).await?;
@@ -676,7 +689,12 @@ impl Proxmox {
         Ok(())
     }
 
-    async fn create_inner(&self, guard: &mut CreateGuard<'_>, group: &str, settings: &GroupSettings) -> Result<Machine> {
+    async fn create_inner(
+        &self,
+        guard: &mut CreateGuard<'_>,
+        group: &str,
+        settings: &GroupSettings,
+    ) -> Result<Machine> {
         let name = guard.name.clone();
         let resources = self.resources(None).await?;
         let vms: Vec<Vm> = resources.iter().filter_map(Vm::from_json).collect();
@@ -798,7 +816,8 @@ impl Proxmox {
         if !settings.ssh_keys.is_empty() {
             // PVE wants the keys URL-encoded inside the (form-encoded) parameter, spaces as %20.
             let keys = settings.ssh_keys.join("\n");
-            let encoded: String = form_urlencoded::byte_serialize(keys.as_bytes()).collect::<String>().replace('+', "%20");
+            let encoded: String =
+                form_urlencoded::byte_serialize(keys.as_bytes()).collect::<String>().replace('+', "%20");
             form.push(("sshkeys", encoded));
         }
         if !settings.nameservers.is_empty() {
@@ -812,9 +831,9 @@ impl Proxmox {
         {
             let text = Self::render(template, &vars)?;
             let file = Self::snippet_file(name);
-            tokio::fs::write(dir.join(&file), text)
-                .await
-                .map_err(|e| Error::Other(format!("cannot write user-data snippet {}: {e}", dir.join(&file).display())))?;
+            tokio::fs::write(dir.join(&file), text).await.map_err(|e| {
+                Error::Other(format!("cannot write user-data snippet {}: {e}", dir.join(&file).display()))
+            })?;
             form.push(("cicustom", format!("user={storage}:snippets/{file}")));
         }
         self.api.put(&format!("{base}/config"), &form).await?;

@@ -154,7 +154,11 @@ impl State {
     fn task(&mut self, kind: &str, node: &str, vmid: u32, effect_target: u32) -> String {
         self.counter += 1;
         let start = 0x6560_0000u64 + self.counter;
-        let upid = format!("UPID:{node}:{:08X}:{:08X}:{start:08X}:{kind}:{vmid}:{TOKEN_ID}:", 4000 + self.counter, 90000 + self.counter);
+        let upid = format!(
+            "UPID:{node}:{:08X}:{:08X}:{start:08X}:{kind}:{vmid}:{TOKEN_ID}:",
+            4000 + self.counter,
+            90000 + self.counter
+        );
         let failure = self.faults.fail_next_task.remove(kind);
         self.tasks.insert(
             upid.clone(),
@@ -182,7 +186,14 @@ impl State {
         config.insert("name".into(), "k8s-template".into());
         self.vms.insert(
             vmid,
-            Vm { node: node.into(), name: "k8s-template".into(), status: "stopped".into(), template: true, config, ..Vm::default() },
+            Vm {
+                node: node.into(),
+                name: "k8s-template".into(),
+                status: "stopped".into(),
+                template: true,
+                config,
+                ..Vm::default()
+            },
         );
     }
 
@@ -227,7 +238,10 @@ fn fail(message: String) -> Response<Body> {
 
 fn bad_params(errors: Vec<(String, String)>) -> Response<Body> {
     let errors: serde_json::Map<String, Value> = errors.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
-    reply(StatusCode::BAD_REQUEST, json!({ "data": null, "errors": errors, "message": "Parameter verification failed.\n" }))
+    reply(
+        StatusCode::BAD_REQUEST,
+        json!({ "data": null, "errors": errors, "message": "Parameter verification failed.\n" }),
+    )
 }
 
 impl Fake {
@@ -284,8 +298,18 @@ fn allowed(method: &str, route: &str) -> Option<&'static [&'static str]> {
         ("POST", "clone") => &["newid", "name", "target", "full", "storage", "pool", "description"],
         ("GET", "config") => &[],
         ("PUT", "config") => &[
-            "name", "cores", "memory", "tags", "ciuser", "sshkeys", "ipconfig0", "nameserver", "searchdomain", "cicustom",
-            "agent", "description",
+            "name",
+            "cores",
+            "memory",
+            "tags",
+            "ciuser",
+            "sshkeys",
+            "ipconfig0",
+            "nameserver",
+            "searchdomain",
+            "cicustom",
+            "agent",
+            "description",
         ],
         ("POST", "status/start") => &[],
         ("POST", "status/stop") => &[],
@@ -306,11 +330,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
     let (parts, body) = req.into_parts();
     let method = parts.method.as_str().to_owned();
     let full_path = parts.uri.path().to_owned();
-    let query: Vec<(String, String)> = parts
-        .uri
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
+    let query: Vec<(String, String)> =
+        parts.uri.query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
     let bytes = to_bytes(body, 1 << 20).await.unwrap_or_default();
     let form: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -345,14 +366,24 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
         }
         if method != "GET" && csrf.as_deref() != Some(&format!("CSRF-{c}")) {
             s.problems.push(format!("{method} {path}: write with a ticket but without its CSRFPreventionToken"));
-            return reply(StatusCode::UNAUTHORIZED, json!({"data": null, "message": "Permission denied - invalid csrf token\n"}));
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"data": null, "message": "Permission denied - invalid csrf token\n"}),
+            );
         }
         "ticket"
     } else {
         s.problems.push(format!("{method} {path}: no credentials"));
         return reply(StatusCode::UNAUTHORIZED, json!({"data": null}));
     };
-    s.requests.push(Recorded { method: method.clone(), path: path.clone(), query: query.clone(), form: form.clone(), auth, csrf: csrf.is_some() });
+    s.requests.push(Recorded {
+        method: method.clone(),
+        path: path.clone(),
+        query: query.clone(),
+        form: form.clone(),
+        auth,
+        csrf: csrf.is_some(),
+    });
 
     let segments: Vec<&str> = path.split('/').collect();
     // Route: (kind, node, vmid).
@@ -368,13 +399,18 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
     };
     let Some(allowed) = allowed(&method, &route) else {
         s.problems.push(format!("{method} {path}: no such endpoint"));
-        return reply(StatusCode::NOT_IMPLEMENTED, json!({"data": null, "message": format!("Method '{method} /{path}' not implemented")}));
+        return reply(
+            StatusCode::NOT_IMPLEMENTED,
+            json!({"data": null, "message": format!("Method '{method} /{path}' not implemented")}),
+        );
     };
     let unknown: Vec<(String, String)> = form
         .iter()
         .chain(&query)
         .filter(|(k, _)| !allowed.contains(&k.as_str()))
-        .map(|(k, _)| (k.clone(), "property is not defined in schema and the schema does not allow additional properties".into()))
+        .map(|(k, _)| {
+            (k.clone(), "property is not defined in schema and the schema does not allow additional properties".into())
+        })
         .collect();
     if !unknown.is_empty() {
         s.problems.push(format!("{method} {path}: unknown parameters {unknown:?}"));
@@ -468,7 +504,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
                 config.insert("description".into(), d);
             }
             let upid = s.task("qmclone", node.as_deref().unwrap(), source, newid);
-            s.vms.insert(newid, Vm { node: target, name, status: "stopped".into(), config, lock: Some(upid.clone()), ..Vm::default() });
+            s.vms.insert(
+                newid,
+                Vm { node: target, name, status: "stopped".into(), config, lock: Some(upid.clone()), ..Vm::default() },
+            );
             ok(json!(upid))
         }
         ("GET", "config") => {
@@ -495,7 +534,8 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             for key in ["cores", "memory"] {
                 if let Some(v) = param(key) {
                     if v.parse::<u64>().map_or(true, |n| n == 0) {
-                        errors.push((key.to_owned(), format!("value '{v}' does not look like a valid positive integer")));
+                        errors
+                            .push((key.to_owned(), format!("value '{v}' does not look like a valid positive integer")));
                     }
                 }
             }
@@ -506,7 +546,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
                 }
             }
             if let Some(tags) = param("tags") {
-                if !tags.split(';').all(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || "-_+.".contains(c))) {
+                if !tags
+                    .split(';')
+                    .all(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || "-_+.".contains(c)))
+                {
                     errors.push(("tags".into(), format!("invalid format - invalid characters in tag '{tags}'")));
                 }
             }
