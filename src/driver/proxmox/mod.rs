@@ -251,16 +251,16 @@ impl GroupSettings {
         if user_data.is_some() != (snippets_dir.is_some() && snippets_storage.is_some()) {
             p.push(s.key_path("user_data"), "user_data, snippets_dir and snippets_storage go together");
         }
-        if let Some(text) = &user_data {
-            if let Err(e) = minijinja::Environment::new().template_from_str(text) {
-                p.push(s.key_path("user_data"), format!("is not a valid template: {e}"));
-            }
+        if let Some(text) = &user_data
+            && let Err(e) = minijinja::Environment::new().template_from_str(text)
+        {
+            p.push(s.key_path("user_data"), format!("is not a valid template: {e}"));
         }
         let join_command = s.string("join_command", p);
-        if let Some(text) = &join_command {
-            if let Err(e) = minijinja::Environment::new().template_from_str(text) {
-                p.push(s.key_path("join_command"), format!("is not a valid template: {e}"));
-            }
+        if let Some(text) = &join_command
+            && let Err(e) = minijinja::Environment::new().template_from_str(text)
+        {
+            p.push(s.key_path("join_command"), format!("is not a valid template: {e}"));
         }
         let agent_timeout = s.duration("agent_timeout", p).unwrap_or(Duration::from_secs(600));
         Some(GroupSettings {
@@ -377,10 +377,10 @@ impl Drop for CreateGuard<'_> {
         if let Some(vmid) = self.vmid {
             r.vmids.remove(&vmid);
         }
-        if let Some((node, mem)) = &self.node_memory {
-            if let Some(m) = r.node_memory.get_mut(node) {
-                *m = m.saturating_sub(*mem);
-            }
+        if let Some((node, mem)) = &self.node_memory
+            && let Some(m) = r.node_memory.get_mut(node)
+        {
+            *m = m.saturating_sub(*mem);
         }
         if let Some(ip) = self.ip {
             if self.succeeded {
@@ -436,7 +436,7 @@ impl Proxmox {
     /// The group a VM's tags mark it for, if it carries this cluster's tag.
     fn tagged_group(&self, vm: &Vm) -> Option<String> {
         let cluster = self.cluster_tag();
-        if !vm.tags.iter().any(|t| *t == cluster) {
+        if !vm.tags.contains(&cluster) {
             return None;
         }
         vm.tags.iter().find_map(|t| t.strip_prefix(TAG_GROUP)).map(str::to_owned)
@@ -477,10 +477,11 @@ impl Proxmox {
         for vm in vms.iter().filter(|v| !v.template) {
             if let Some(group) = self.tagged_group(vm) {
                 out.push((vm.clone(), group));
-            } else if self.looks_like_ours(vm) && !in_flight.contains(&vm.name) {
-                if let Some(group) = self.marked_group(vm).await? {
-                    out.push((vm.clone(), group));
-                }
+            } else if self.looks_like_ours(vm)
+                && !in_flight.contains(&vm.name)
+                && let Some(group) = self.marked_group(vm).await?
+            {
+                out.push((vm.clone(), group));
             }
         }
         Ok(out)
@@ -489,7 +490,7 @@ impl Proxmox {
     /// Addresses in use: read back from this cluster's VMs, plus reservations.
     async fn used_addresses(&self, vms: &[Vm], started: Instant) -> Result<HashSet<Ipv4Addr>> {
         let cluster = self.cluster_tag();
-        let ours: Vec<&Vm> = vms.iter().filter(|v| v.tags.iter().any(|t| *t == cluster)).collect();
+        let ours: Vec<&Vm> = vms.iter().filter(|v| v.tags.contains(&cluster)).collect();
         let mut used = HashSet::new();
         for vm in &ours {
             let key = (vm.vmid, vm.name.clone());
@@ -591,10 +592,10 @@ impl Proxmox {
     /// Destroys a half-created VM; logs what it cannot undo (the VM keeps its marks and shows
     /// up in `list` as Failed).
     async fn cleanup(&self, node: &str, vmid: u32, name: &str, settings: &GroupSettings) {
-        if let Err(e) = self.destroy(node, vmid, true).await {
-            if !matches!(e, Error::NotFound(_)) {
-                warn!(vmid, %name, error = %e, "cannot remove half-created proxmox VM; it stays marked and listed as failed");
-            }
+        if let Err(e) = self.destroy(node, vmid, true).await
+            && !matches!(e, Error::NotFound(_))
+        {
+            warn!(vmid, %name, error = %e, "cannot remove half-created proxmox VM; it stays marked and listed as failed");
         }
         if let Some(dir) = &settings.snippets_dir {
             let _ = std::fs::remove_file(dir.join(Self::snippet_file(name)));

@@ -136,10 +136,8 @@ impl State {
                 ("qmclone", Some(_)) => {
                     self.vms.remove(&vmid);
                 }
-                ("qmclone", None) => {
-                    if vm.lock.as_deref() == Some(upid.as_str()) {
-                        vm.lock = None;
-                    }
+                ("qmclone", None) if vm.lock.as_deref() == Some(upid.as_str()) => {
+                    vm.lock = None;
                 }
                 ("qmstart", None) => vm.status = "running".into(),
                 ("qmstop" | "qmshutdown", None) => vm.status = "stopped".into(),
@@ -532,11 +530,10 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             }
             let mut errors = Vec::new();
             for key in ["cores", "memory"] {
-                if let Some(v) = param(key) {
-                    if v.parse::<u64>().map_or(true, |n| n == 0) {
-                        errors
-                            .push((key.to_owned(), format!("value '{v}' does not look like a valid positive integer")));
-                    }
+                if let Some(v) = param(key)
+                    && v.parse::<u64>().map_or(true, |n| n == 0)
+                {
+                    errors.push((key.to_owned(), format!("value '{v}' does not look like a valid positive integer")));
                 }
             }
             if let Some(keys) = param("sshkeys") {
@@ -545,13 +542,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
                     errors.push(("sshkeys".into(), "invalid urlencoded string".into()));
                 }
             }
-            if let Some(tags) = param("tags") {
-                if !tags
+            if let Some(tags) = param("tags")
+                && !tags
                     .split(';')
                     .all(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || "-_+.".contains(c)))
-                {
-                    errors.push(("tags".into(), format!("invalid format - invalid characters in tag '{tags}'")));
-                }
+            {
+                errors.push(("tags".into(), format!("invalid format - invalid characters in tag '{tags}'")));
             }
             if !errors.is_empty() {
                 s.problems.push(format!("PUT {path}: invalid parameters {errors:?}"));
@@ -652,7 +648,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
                 return bad_params(vec![("pid".into(), "property is missing and it is not optional".into())]);
             };
             let Some(exec) = s.execs.get_mut(&pid) else {
-                return fail(format!("Agent error: Invalid parameter 'pid'"));
+                return fail("Agent error: Invalid parameter 'pid'".to_string());
             };
             // The first poll finds it still running, as a real guest usually does.
             if !exec.polled {
