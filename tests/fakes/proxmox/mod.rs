@@ -245,11 +245,13 @@ fn bad_params(errors: Vec<(String, String)>) -> Response<Body> {
 impl Fake {
     /// A fake cluster with nodes `pve1` (8 GiB free) and `pve2` (16 GiB free) and template 9000.
     pub async fn start() -> Fake {
-        let mut state = State::default();
-        state.nodes = vec![
-            Node { name: "pve1".into(), maxmem: 32 << 30, mem: 24 << 30, online: true },
-            Node { name: "pve2".into(), maxmem: 32 << 30, mem: 16 << 30, online: true },
-        ];
+        let mut state = State {
+            nodes: vec![
+                Node { name: "pve1".into(), maxmem: 32 << 30, mem: 24 << 30, online: true },
+                Node { name: "pve2".into(), maxmem: 32 << 30, mem: 16 << 30, online: true },
+            ],
+            ..State::default()
+        };
         state.add_template(9000, "pve1", 2, 4096);
         state.faults.task_duration = Duration::from_millis(30);
         let state = Arc::new(Mutex::new(state));
@@ -320,6 +322,7 @@ fn allowed(method: &str, route: &str) -> Option<&'static [&'static str]> {
     })
 }
 
+#[allow(clippy::result_large_err, reason = "the error of `vm_here` is the fake's own HTTP answer, returned at once")]
 async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> {
     let latency = state.lock().unwrap().faults.latency;
     if !latency.is_zero() {
