@@ -167,10 +167,10 @@ pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running
             shutdown.cancel();
             let _ = reconciler.await;
             let _ = health.await;
-            if let Some(http) = http {
-                if let Ok(Err(e)) = http.await {
-                    warn!(error = %e, "HTTP server failed");
-                }
+            if let Some(http) = http
+                && let Ok(Err(e)) = http.await
+            {
+                warn!(error = %e, "HTTP server failed");
             }
             let tasks = fleet.tasks();
             tasks.close();

@@ -61,7 +61,7 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
 
 /// Canonical text for millicores: `"2"` or `"1500m"`.
 pub fn format_cpu_millis(millis: u64) -> String {
-    if millis % 1_000 == 0 { (millis / 1_000).to_string() } else { format!("{millis}m") }
+    if millis.is_multiple_of(1_000) { (millis / 1_000).to_string() } else { format!("{millis}m") }
 }
 
 /// Canonical text for bytes, in the largest binary unit that divides it exactly.
@@ -71,7 +71,7 @@ pub fn format_bytes(bytes: u64) -> String {
         return "0".to_owned();
     }
     for (suffix, shift) in UNITS {
-        if bytes % (1u64 << shift) == 0 {
+        if bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }

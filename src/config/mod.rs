@@ -243,10 +243,10 @@ impl Config {
 fn parse_root(raw: &toml::Table, p: &mut Problems) -> Option<Config> {
     let mut root = Section::new("", raw);
     let cluster_name = root.required_string("cluster_name", p);
-    if let Some(name) = &cluster_name {
-        if !is_dns_label(name) {
-            p.push("cluster_name", "must be a DNS label: lower-case letters, digits and '-', at most 40 characters");
-        }
+    if let Some(name) = &cluster_name
+        && !is_dns_label(name)
+    {
+        p.push("cluster_name", "must be a DNS label: lower-case letters, digits and '-', at most 40 characters");
     }
 
     let server = parse_server(root.section("server", p), p);
@@ -443,10 +443,10 @@ fn parse_group(
     if min_size < 0 {
         p.push(s.key_path("min_size"), "must not be negative");
     }
-    if let Some(max) = max_size {
-        if max < min_size {
-            p.push(s.key_path("max_size"), format!("{max} is below min_size {min_size}"));
-        }
+    if let Some(max) = max_size
+        && max < min_size
+    {
+        p.push(s.key_path("max_size"), format!("{max} is below min_size {min_size}"));
     }
     let name_prefix = s.string("name_prefix", p).unwrap_or_else(|| format!("{cluster}-{name}"));
     if !is_dns_label(&name_prefix) && p.items.iter().all(|i| i.path != "cluster_name") {

@@ -219,13 +219,13 @@ impl Driver for Simulated {
             return Err(e);
         }
         let mut store = lock(&self.store);
-        if let Some(quota) = self.settings.quota {
-            if store.machines.len() >= quota {
-                return Err(Error::OutOfResources(format!(
-                    "quota exceeded: {} of {quota} machines in use",
-                    store.machines.len()
-                )));
-            }
+        if let Some(quota) = self.settings.quota
+            && store.machines.len() >= quota
+        {
+            return Err(Error::OutOfResources(format!(
+                "quota exceeded: {} of {quota} machines in use",
+                store.machines.len()
+            )));
         }
         if store.machines.contains_key(name) {
             return Err(Error::InvalidRequest(format!("a machine named {name} already exists")));
