@@ -93,6 +93,19 @@ async fn a_create_clones_configures_starts_and_marks_the_vm() {
         "{polled:?}"
     );
     assert!(s.requests.iter().all(|r| r.auth == "token"));
+    // Five calls per create, besides polling the tasks.
+    let calls: Vec<String> =
+        s.requests.iter().filter(|r| !r.path.contains("/tasks/")).map(|r| format!("{} {}", r.method, r.path)).collect();
+    assert_eq!(
+        calls,
+        [
+            "GET cluster/resources",
+            "GET cluster/nextid",
+            "POST nodes/pve1/qemu/9000/clone",
+            "PUT nodes/pve2/qemu/100/config",
+            "POST nodes/pve2/qemu/100/status/start"
+        ]
+    );
     drop(s);
     t.fake.assert_clean();
 }
@@ -184,6 +197,28 @@ async fn concurrent_creates_from_one_pool_never_share_an_address() {
     let m = d.create("workers", "prod-workers-again").await.unwrap();
     let vmid: u32 = m.id.parse().unwrap();
     assert_eq!(t.fake.state().vms[&vmid].config["ipconfig0"], "ip=10.0.0.12/24,gw=10.0.0.1");
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_vm_being_created_is_listed_as_creating_until_create_returns() {
+    let t = Setup::new().await;
+    t.fake.state().faults.task_duration = Duration::from_millis(300);
+    let d = t.driver(&t.toml("", ""));
+    let creating = {
+        let d = d.clone();
+        tokio::spawn(async move { d.create("workers", "prod-workers-slow1").await })
+    };
+    let seen = support::eventually(LIMIT, "the cloning VM in a listing", || {
+        let d = d.clone();
+        async move { d.list().await.unwrap().into_iter().find(|m| m.name == "prod-workers-slow1") }
+    })
+    .await;
+    assert_eq!(seen.state, MachineState::Creating);
+    creating.await.unwrap().unwrap();
+    let after = d.list().await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].state, MachineState::Running);
     t.fake.assert_clean();
 }
 
@@ -295,6 +330,14 @@ async fn delete_is_idempotent_and_refuses_vms_that_are_not_ours() {
         s.add_vm(301, "pve1", "database", "running", &[]);
         // The VMID of a deleted machine, reused by someone else.
         s.add_vm(302, "pve1", "prod-workers-reuse", "running", &[("tags", "other")]);
+        // Left by a create interrupted before its config call: untagged, marked by description.
+        s.add_vm(
+            303,
+            "pve2",
+            "prod-workers-half2",
+            "stopped",
+            &[("description", "flotilla cluster=prod group=workers")],
+        );
     }
     let d = t.driver(&t.toml("shutdown_timeout = \"30s\"", ""));
     let mine = MachineRef { group: "workers".into(), name: "prod-workers-del01".into(), id: "300".into() };
@@ -305,8 +348,10 @@ async fn delete_is_idempotent_and_refuses_vms_that_are_not_ours() {
         let other = MachineRef { group: "workers".into(), name: name.into(), id: id.into() };
         assert!(matches!(d.delete(&other).await, Err(Error::InvalidRequest(_))));
     }
+    let half = MachineRef { group: "workers".into(), name: "prod-workers-half2".into(), id: "303".into() };
+    d.delete(&half).await.unwrap();
     let s = t.fake.state();
-    assert_eq!(s.vms.len(), 3);
+    assert_eq!(s.vms.keys().copied().collect::<Vec<_>>(), [301, 302, 9000]);
     let shutdown = &s.calls("POST", "qemu/300/status/shutdown")[0];
     assert_eq!((shutdown.param("forceStop"), shutdown.param("timeout")), (Some("1"), Some("30")));
     drop(s);

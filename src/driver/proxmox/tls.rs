@@ -186,13 +186,17 @@ mod tests {
 
     /// A real HTTPS server on loopback with a self-signed certificate, as a fresh PVE node has.
     async fn https_server(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> std::net::SocketAddr {
+        https_server_with(cert.cert.der().clone(), &cert.signing_key).await
+    }
+
+    async fn https_server_with(der: CertificateDer<'static>, key: &rcgen::KeyPair) -> std::net::SocketAddr {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .with_single_cert(vec![der], key)
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -238,5 +242,30 @@ mod tests {
         assert!(get_version(Trust::PublicRoots, addr).await.is_err());
         let other_ca = cert();
         assert!(get_version(Trust::CaPem(other_ca.cert.pem().into_bytes()), addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn https_works_with_the_ca_that_signed_the_server_certificate() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+            .unwrap();
+        let addr = https_server_with(leaf.der().clone(), &leaf_key).await;
+        assert_eq!(get_version(Trust::CaPem(ca_cert.pem().into_bytes()), addr).await, Ok(200));
+        // The CA does not vouch for another name: connecting by a name the certificate lacks fails.
+        let by_name = reqwest::Client::builder()
+            .use_preconfigured_tls(client_config(&Trust::CaPem(ca_cert.pem().into_bytes())).unwrap())
+            .resolve("pve.invalid", addr)
+            .build()
+            .unwrap()
+            .get(format!("https://pve.invalid:{}/api2/json/version", addr.port()))
+            .send()
+            .await;
+        assert!(by_name.is_err());
     }
 }
