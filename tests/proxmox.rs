@@ -284,6 +284,31 @@ async fn a_failed_start_destroys_the_half_created_vm() {
 }
 
 #[tokio::test]
+async fn a_half_created_vm_that_cannot_be_removed_is_listed_as_failed() {
+    let t = Setup::new().await;
+    {
+        let mut s = t.fake.state();
+        s.faults.fail_next_task.insert("qmstart".into(), "start failed: kvm: cannot open /dev/kvm".into());
+        s.faults.fail_next_task.insert("qmdestroy".into(), "storage 'local-lvm' is offline".into());
+    }
+    let d = t.driver(&t.toml("", POOL));
+    let err = d.create("workers", "prod-workers-stuck").await.unwrap_err();
+    assert!(err.to_string().contains("kvm"), "{err}");
+    let listed = d.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].name, "prod-workers-stuck");
+    assert!(matches!(&listed[0].state, MachineState::Failed(f) if f.code == "INTERRUPTED"));
+    // Its address stays taken (read back from the VM) until it is really gone.
+    let next = d.create("workers", "prod-workers-next1").await.unwrap();
+    let vmid: u32 = next.id.parse().unwrap();
+    assert_eq!(t.fake.state().vms[&vmid].config["ipconfig0"], "ip=10.0.0.11/24,gw=10.0.0.1");
+    // cluster-autoscaler deletes it; this time the destroy works.
+    d.delete(&MachineRef::from(&listed[0])).await.unwrap();
+    assert!(!t.fake.state().vms.contains_key(&100));
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
 async fn the_node_waits_for_a_running_system_then_runs_the_join_command() {
     let t = Setup::new().await;
     {

@@ -126,6 +126,8 @@ pub struct Api {
     base: String,
     auth: Auth,
     ticket: Mutex<Option<Ticket>>,
+    /// Age at which a ticket is replaced before use ([`TICKET_RENEW_AFTER`]).
+    ticket_renew_after: Duration,
     /// How often task and agent status is polled.
     pub poll_interval: Duration,
 }
@@ -135,7 +137,14 @@ pub type Params = Vec<(&'static str, String)>;
 
 impl Api {
     pub fn new(http: reqwest::Client, base: String, auth: Auth, poll_interval: Duration) -> Api {
-        Api { http, base: base.trim_end_matches('/').to_owned(), auth, ticket: Mutex::new(None), poll_interval }
+        Api {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            auth,
+            ticket: Mutex::new(None),
+            ticket_renew_after: TICKET_RENEW_AFTER,
+            poll_interval,
+        }
     }
 
     /// `data` of a GET.
@@ -234,7 +243,7 @@ impl Api {
             unreachable!("tickets are only used with password auth")
         };
         let mut guard = self.ticket.lock().await;
-        if let Some(t) = guard.as_ref().filter(|t| t.obtained.elapsed() < TICKET_RENEW_AFTER) {
+        if let Some(t) = guard.as_ref().filter(|t| t.obtained.elapsed() < self.ticket_renew_after) {
             return Ok((t.ticket.clone(), t.csrf.clone()));
         }
         let path = "/access/ticket";
@@ -336,6 +345,71 @@ mod tests {
         let failed = Error::TaskFailed { upid: "UPID:a:".into(), exitstatus: "no space left on device".into() };
         assert_eq!(kind(failed), "out_of_resources");
         assert!(status(500, "unable to create VM 101: config file already exists").is_vmid_taken());
+    }
+
+    /// A PVE stand-in that counts logins and accepts only the newest ticket.
+    async fn ticket_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+        use axum::{
+            http::{HeaderMap, StatusCode},
+            routing::{get, post},
+        };
+        use std::sync::{
+            Arc,
+            atomic::{AtomicU32, Ordering},
+        };
+        let logins = Arc::new(AtomicU32::new(0));
+        let counter = Arc::clone(&logins);
+        let current = Arc::clone(&logins);
+        let app = axum::Router::new()
+            .route(
+                "/api2/json/access/ticket",
+                post(move || {
+                    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    async move { format!(r#"{{"data":{{"ticket":"t{n}","CSRFPreventionToken":"c{n}"}}}}"#) }
+                }),
+            )
+            .route(
+                "/api2/json/version",
+                get(move |headers: HeaderMap| {
+                    let n = current.load(Ordering::SeqCst);
+                    async move {
+                        let cookie = headers.get("cookie").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                        if cookie == format!("PVEAuthCookie=t{n}") {
+                            (StatusCode::OK, r#"{"data":{"version":"8.2.4"}}"#.to_owned())
+                        } else {
+                            (StatusCode::UNAUTHORIZED, r#"{"data":null}"#.to_owned())
+                        }
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/api2/json"), logins)
+    }
+
+    fn password_api(base: String) -> Api {
+        let auth = Auth::Password { user: "u@pve".into(), password: Secret::new("p".into()) };
+        Api::new(reqwest::Client::new(), base, auth, Duration::from_millis(10))
+    }
+
+    #[tokio::test]
+    async fn a_ticket_is_reused_while_young_and_replaced_once_old() {
+        let (base, logins) = ticket_server().await;
+        let api = password_api(base.clone());
+        for _ in 0..3 {
+            api.get("/version", &[]).await.unwrap();
+        }
+        assert_eq!(logins.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Past the renewal age every call logs in first (here: at once).
+        let mut old = password_api(base);
+        old.ticket_renew_after = Duration::ZERO;
+        old.get("/version", &[]).await.unwrap();
+        old.get("/version", &[]).await.unwrap();
+        assert_eq!(logins.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // The first client's ticket is stale now: refused once, then it logs in again.
+        api.get("/version", &[]).await.unwrap();
+        assert_eq!(logins.load(std::sync::atomic::Ordering::SeqCst), 4);
     }
 
     #[test]
