@@ -463,7 +463,7 @@ async fn user_data_is_rendered_into_a_snippet_and_referenced() {
 #[tokio::test]
 async fn configuration_problems_are_all_reported() {
     let text = "cluster_name = \"prod\"\n[clouds.pve]\ndriver = \"proxmox\"\nurl = \"http://pve.example:8006\"\n\
-                token_id = \"nobang\"\ntoken_secret = \"x\"\ntls_fingerprint = \"zz\"\ntypo = 1\n\
+                token_id = \"nobang\"\ntoken_secret = { env = \"FLOTILLA_TEST_UNSET_PVE_TOKEN\" }\ntls_fingerprint = \"zz\"\ntypo = 1\n\
                 [groups.workers]\ncloud = \"pve\"\nmax_size = 1\n[groups.workers.machine]\nip_pool = \"10.0.0.9-10.0.0.1\"\nfull_clone = false\nstorage = \"x\"\n";
     let config = support::config(text);
     let problems = flotilla::build_drivers(&config).unwrap_err();
@@ -473,12 +473,15 @@ async fn configuration_problems_are_all_reported() {
         "clouds.pve.token_id",
         "clouds.pve.tls_fingerprint",
         "clouds.pve.typo",
+        "clouds.pve.token_secret",
         "groups.workers.machine.template",
         "groups.workers.machine.ip_pool",
         "groups.workers.machine.storage",
     ] {
         assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
     }
+    // A secret that cannot be read is one problem, not also a missing-credentials one.
+    assert!(!paths.contains(&"clouds.pve"), "{paths:?}");
 }
 
 #[tokio::test]

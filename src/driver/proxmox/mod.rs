@@ -117,27 +117,38 @@ impl CloudSettings {
                 p.push(s.key_path("url"), "must be https:// (plain http only to a loopback address)");
             }
         }
-        let token_id = s.string("token_id", p);
-        let token_secret = s.secret("token_secret", p);
-        let username = s.string("username", p);
-        let password = s.secret("password", p);
-        let auth = match (token_id, token_secret, username, password) {
-            (Some(id), Some(secret), None, None) => {
-                if !id.contains('@') || !id.contains('!') {
-                    p.push(s.key_path("token_id"), "must look like USER@REALM!TOKENID");
-                }
-                Some(Auth::Token { id, secret })
+        let token_mode = s.contains("token_id") || s.contains("token_secret");
+        let password_mode = s.contains("username") || s.contains("password");
+        let auth = if token_mode == password_mode {
+            p.push(s.path().to_owned(), "set either token_id and token_secret, or username and password");
+            for key in ["token_id", "token_secret", "username", "password"] {
+                s.ignore(key);
             }
-            (None, None, Some(user), Some(password)) => {
-                if !user.contains('@') {
-                    p.push(s.key_path("username"), "must look like USER@REALM");
-                }
-                Some(Auth::Password { user, password })
+            None
+        } else if token_mode {
+            let id = s.required_string("token_id", p);
+            if id.as_ref().is_some_and(|id| !id.contains('@') || !id.contains('!')) {
+                p.push(s.key_path("token_id"), "must look like USER@REALM!TOKENID");
             }
-            _ => {
-                p.push(s.path().to_owned(), "set either token_id and token_secret, or username and password");
+            let secret = if s.contains("token_secret") {
+                s.secret("token_secret", p)
+            } else {
+                p.push(s.key_path("token_secret"), "is required with token_id");
                 None
+            };
+            id.zip(secret).map(|(id, secret)| Auth::Token { id, secret })
+        } else {
+            let user = s.required_string("username", p);
+            if user.as_ref().is_some_and(|u| !u.contains('@')) {
+                p.push(s.key_path("username"), "must look like USER@REALM");
             }
+            let password = if s.contains("password") {
+                s.secret("password", p)
+            } else {
+                p.push(s.key_path("password"), "is required with username");
+                None
+            };
+            user.zip(password).map(|(user, password)| Auth::Password { user, password })
         };
         let ca_file = s.string("ca_file", p);
         let fingerprint = s.string("tls_fingerprint", p);
