@@ -503,7 +503,6 @@ async fn cluster_autoscaler_scales_a_group_up_and_down_over_grpc() {
     let left = support::wait_running(&c, "workers", 1, LIMIT).await;
     assert_eq!(left, [ids[1].clone()]);
     assert_eq!(support::target_size(&mut c, "workers").await, 1);
-    let _ = support::nodes(&mut c, "workers").await.iter().all(|(_, s, _)| *s == InstanceState::InstanceRunning);
     server.stop().await.unwrap();
     t.fake.assert_clean();
 }
@@ -549,4 +548,28 @@ async fn the_example_configuration_is_valid() {
     let config = support::config(&text);
     let drivers = flotilla::build_drivers(&config).unwrap_or_else(|p| panic!("{p}"));
     assert_eq!(drivers[0].kind(), "proxmox");
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_reaches_cluster_autoscaler_as_out_of_resources() {
+    let t = Setup::new().await;
+    let text = t.toml("", "ip_pool = \"10.0.0.10\"\nprefix_len = 24\n");
+    let (server, mut c) = support::start(&text).await;
+    support::increase(&mut c, "workers", 2).await.unwrap();
+    let failure = support::eventually(LIMIT, "one create failed, one running", || {
+        let mut c = c.clone();
+        async move {
+            let _ = support::refresh(&mut c).await;
+            let nodes = support::nodes(&mut c, "workers").await;
+            let running = nodes.iter().filter(|(_, s, e)| *s == InstanceState::InstanceRunning && e.is_none()).count();
+            let failed: Vec<_> = nodes.into_iter().filter_map(|(_, _, e)| e).collect();
+            (running == 1 && failed.len() == 1).then(|| failed[0].clone())
+        }
+    })
+    .await;
+    assert_eq!(failure.instance_error_class, 1, "{failure:?}");
+    assert_eq!(failure.error_code, "OUT_OF_RESOURCES");
+    assert!(failure.error_message.contains("exhausted"), "{failure:?}");
+    server.stop().await.unwrap();
+    t.fake.assert_clean();
 }
