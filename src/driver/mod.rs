@@ -26,6 +26,7 @@ use crate::config::{CLOUD_KEYS, Config, Problems, Section};
 
 pub mod metered;
 pub mod openstack;
+pub mod proxmox;
 pub mod simulated;
 
 /// One machine as the cloud reports it.
@@ -193,7 +194,7 @@ pub trait Driver: Send + Sync + fmt::Debug {
 pub type SharedDriver = Arc<dyn Driver>;
 
 /// Drivers Flotilla knows, for messages.
-pub const KINDS: &[&str] = &["simulated", "openstack"];
+pub const KINDS: &[&str] = &["simulated", "openstack", "proxmox"];
 
 /// The provider-id format a driver's machines get unless a group says otherwise: what the
 /// node's kubelet or cloud controller sets.
@@ -202,6 +203,7 @@ pub fn default_provider_id(driver: &str) -> &'static str {
         "simulated" => "simulated://{cluster}/{name}",
         // What the OpenStack cloud controller manager sets.
         "openstack" => "openstack:///{id}",
+        "proxmox" => "proxmox://{region}/{id}",
         _ => "{name}",
     }
 }
@@ -264,9 +266,34 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
                     _ => None,
                 }
             }
+            "proxmox" => {
+                let cloud_settings = proxmox::CloudSettings::parse(&mut section, p);
+                let mut groups = std::collections::HashMap::new();
+                let mut prefixes = Vec::new();
+                for (group, mut m) in machines.drain(..) {
+                    if let Some(g) = proxmox::GroupSettings::parse(group, &mut m, p) {
+                        groups.insert(group.to_owned(), g);
+                    }
+                    m.finish(p);
+                    if let Some(gc) = config.groups.iter().find(|g| g.name == group) {
+                        prefixes.push((group.to_owned(), gc.name_prefix.clone()));
+                    }
+                }
+                match cloud_settings {
+                    Some(settings) => match proxmox::Proxmox::new(&config.cluster_name, settings, groups, prefixes) {
+                        Ok(d) => Some(Arc::new(d)),
+                        Err(e) => {
+                            p.push(section.key_path("ca_file"), format!("cannot set up TLS: {e}"));
+                            None
+                        }
+                    },
+                    None => None,
+                }
+            }
             other => {
+                // Its keys mean nothing without the driver: report only the driver name.
                 p.push(section.key_path("driver"), format!("unknown driver {other:?} (known: {})", KINDS.join(", ")));
-                None
+                continue;
             }
         };
         section.finish(p);
