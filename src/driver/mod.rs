@@ -24,6 +24,7 @@ use async_trait::async_trait;
 
 use crate::config::{CLOUD_KEYS, Config, Problems, Section};
 
+pub mod docker;
 pub mod metered;
 pub mod simulated;
 
@@ -192,13 +193,15 @@ pub trait Driver: Send + Sync + fmt::Debug {
 pub type SharedDriver = Arc<dyn Driver>;
 
 /// Drivers Flotilla knows, for messages.
-pub const KINDS: &[&str] = &["simulated"];
+pub const KINDS: &[&str] = &["simulated", "docker"];
 
 /// The provider-id format a driver's machines get unless a group says otherwise: what the
 /// node's kubelet or cloud controller sets.
 pub fn default_provider_id(driver: &str) -> &'static str {
     match driver {
         "simulated" => "simulated://{cluster}/{name}",
+        // What a k3s agent registers: its node name is the container's hostname.
+        "docker" => "k3s://{name}",
         _ => "{name}",
     }
 }
@@ -237,6 +240,17 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
                         None
                     }
                 }
+            }
+            "docker" => {
+                let settings = docker::CloudSettings::parse(&mut section, p);
+                let mut groups = std::collections::BTreeMap::new();
+                for (group, mut m) in machines.drain(..) {
+                    if let Some(g) = docker::GroupSettings::parse(&mut m, p) {
+                        groups.insert(group.to_owned(), g);
+                    }
+                    m.finish(p);
+                }
+                settings.map(|s| Arc::new(docker::DockerDriver::new(&config.cluster_name, s, groups)) as SharedDriver)
             }
             other => {
                 p.push(section.key_path("driver"), format!("unknown driver {other:?} (known: {})", KINDS.join(", ")));
