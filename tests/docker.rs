@@ -125,11 +125,8 @@ async fn foreign(docker: &Docker, name: &str, labels: &[(&str, &str)]) -> String
         host_config: Some(HostConfig { network_mode: Some("none".into()), ..Default::default() }),
         ..Default::default()
     };
-    let id = docker
-        .create_container(Some(CreateContainerOptionsBuilder::new().name(name).build()), body)
-        .await
-        .unwrap()
-        .id;
+    let id =
+        docker.create_container(Some(CreateContainerOptionsBuilder::new().name(name).build()), body).await.unwrap().id;
     docker.start_container(&id, None).await.unwrap();
     id
 }
@@ -159,7 +156,9 @@ async fn creation_error(c: &support::Client, group: &str) -> (String, i32) {
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: flotilla\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: flotilla\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).await.unwrap();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -353,7 +352,8 @@ async fn dry_run_reads_the_engine_and_changes_nothing() {
     let docker = engine().await;
     let cluster = cluster("dry");
     let _cleanup = Cleanup { cluster: cluster.clone(), extra: vec![] };
-    let text = config(&cluster, &engine_host(), &idle_machine()).replace("driver = \"docker\"", "driver = \"docker\"\ndry_run = true");
+    let text = config(&cluster, &engine_host(), &idle_machine())
+        .replace("driver = \"docker\"", "driver = \"docker\"\ndry_run = true");
     let (server, mut c) = support::start(&text).await;
     support::refresh(&mut c).await.unwrap();
     support::increase(&mut c, "g", 1).await.unwrap();
@@ -362,4 +362,22 @@ async fn dry_run_reads_the_engine_and_changes_nothing() {
     assert!(message.contains("dry run: would create container"), "{message}");
     assert!(containers_of(&docker, &cluster).await.is_empty());
     server.stop().await.unwrap();
+}
+
+#[test]
+fn the_example_configuration_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("docker.toml");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/docker.toml"), &path).unwrap();
+    std::fs::write(dir.path().join("k3s-token"), "K10example::server:token\n").unwrap();
+    let config = flotilla::config::Config::load(&path).unwrap_or_else(|p| panic!("{p}"));
+    flotilla::build_drivers(&config).unwrap_or_else(|p| panic!("{p}"));
+    let parts = flotilla::provider_id::Parts {
+        cluster: "k3s-docker",
+        group: "workers",
+        region: "local",
+        name: "k3s-docker-workers-abcde",
+        id: "0123abcd",
+    };
+    assert_eq!(config.groups[0].provider_id.render(parts), "k3s://k3s-docker-workers-abcde");
 }

@@ -142,7 +142,9 @@ mod tests {
     #[test]
     fn engine_answers_are_classified_by_status() {
         let c = |e| classify("ctx", e);
-        assert!(matches!(c(answer(404, "No such image: x")), driver::Error::NotFound(m) if m == "ctx: No such image: x"));
+        assert!(
+            matches!(c(answer(404, "No such image: x")), driver::Error::NotFound(m) if m == "ctx: No such image: x")
+        );
         assert!(matches!(c(answer(400, "bad")), driver::Error::InvalidRequest(_)));
         assert!(matches!(c(answer(403, "denied")), driver::Error::Unauthorized(_)));
         assert!(matches!(c(answer(429, "slow down")), driver::Error::RateLimited { .. }));

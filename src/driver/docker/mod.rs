@@ -107,10 +107,9 @@ impl DockerDriver {
             Restart::UnlessStopped => {
                 RestartPolicy { name: Some(RestartPolicyNameEnum::UNLESS_STOPPED), maximum_retry_count: None }
             }
-            Restart::OnFailure(n) => RestartPolicy {
-                name: Some(RestartPolicyNameEnum::ON_FAILURE),
-                maximum_retry_count: n.map(i64::from),
-            },
+            Restart::OnFailure(n) => {
+                RestartPolicy { name: Some(RestartPolicyNameEnum::ON_FAILURE), maximum_retry_count: n.map(i64::from) }
+            }
         };
         let host_config = HostConfig {
             privileged: Some(g.privileged),

@@ -192,16 +192,17 @@ impl GroupSettings {
         }
         let k3s_url = s.string("k3s_url", p);
         let k3s_token = s.secret("k3s_token", p);
-        for (key, var, set) in [("k3s_url", "K3S_URL", k3s_url.is_some()), ("k3s_token", "K3S_TOKEN", k3s_token.is_some())]
+        for (key, var, set) in
+            [("k3s_url", "K3S_URL", k3s_url.is_some()), ("k3s_token", "K3S_TOKEN", k3s_token.is_some())]
         {
             if set && env.contains_key(var) {
                 p.push(format!("{}.{var}", s.key_path("env")), format!("conflicts with {}", s.key_path(key)));
             }
         }
-        if let Some(url) = &k3s_url {
-            if !url.starts_with("https://") {
-                p.push(s.key_path("k3s_url"), format!("{url:?} is not an https:// URL of the k3s server"));
-            }
+        if let Some(url) = &k3s_url
+            && !url.starts_with("https://")
+        {
+            p.push(s.key_path("k3s_url"), format!("{url:?} is not an https:// URL of the k3s server"));
         }
         let privileged = s.boolean("privileged", p).unwrap_or(false);
         let network = s.string("network", p);
