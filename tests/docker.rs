@@ -381,3 +381,82 @@ fn the_example_configuration_is_valid() {
     };
     assert_eq!(config.groups[0].provider_id.render(parts), "k3s://k3s-docker-workers-abcde");
 }
+
+/// A unix-socket relay to the test engine that can be cut, as if the engine stopped.
+struct Relay {
+    path: std::path::PathBuf,
+    /// Owns the listener and, through its `JoinSet`, every relayed connection: aborting it
+    /// closes them all, pooled client connections included.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(path: &std::path::Path) -> Relay {
+        let upstream = engine_host().trim_start_matches("unix://").to_owned();
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut engine) = tokio::net::UnixStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+            }
+        });
+        Relay { path: path.to_owned(), task }
+    }
+
+    /// Closes every connection and removes the socket: the engine is gone.
+    async fn cut(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine: tests/docker/engine.sh start, then cargo test --test docker -- --ignored"]
+async fn an_engine_that_stops_turns_refresh_unavailable_after_max_staleness_and_back() {
+    let cluster = cluster("outage");
+    let _cleanup = Cleanup { cluster: cluster.clone(), extra: vec![] };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("engine.sock");
+    let relay = Relay::start(&socket);
+    let host = format!("unix://{}", socket.display());
+    // A generous bound, so the listing just before the outage is surely still fresh below.
+    let text = config(&cluster, &host, &idle_machine()).replace("max_staleness = \"5s\"", "max_staleness = \"10s\"");
+    let (server, mut c) = support::start(&text).await;
+    support::increase(&mut c, "g", 1).await.unwrap();
+    let ids = support::wait_running(&c, "g", 1, LIMIT).await;
+
+    relay.cut().await;
+    // Within max_staleness CA may still act on the last good picture.
+    support::refresh(&mut c).await.expect("state younger than max_staleness is still served");
+    let http = server.http_addr.unwrap();
+    let body = support::eventually(LIMIT, "readiness to fail", || async move {
+        let (code, body) = http_get(http, "/readyz").await;
+        (code == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("unavailable") && body.contains(&host), "{body}");
+    let status = support::eventually(LIMIT, "Refresh to fail as stale", || {
+        let mut c = c.clone();
+        async move { support::refresh(&mut c).await.err() }
+    })
+    .await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("stale"), "{}", status.message());
+
+    let _relay = Relay::start(&socket);
+    support::eventually(LIMIT, "Refresh to recover", || {
+        let mut c = c.clone();
+        async move { support::refresh(&mut c).await.ok() }
+    })
+    .await;
+    assert_eq!(http_get(http, "/readyz").await.0, 200);
+    assert_eq!(support::wait_running(&c, "g", 1, LIMIT).await, ids);
+    server.stop().await.unwrap();
+}
