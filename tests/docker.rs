@@ -460,3 +460,30 @@ async fn an_engine_that_stops_turns_refresh_unavailable_after_max_staleness_and_
     assert_eq!(support::wait_running(&c, "g", 1, LIMIT).await, ids);
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+#[ignore = "needs a Docker engine: tests/docker/engine.sh start, then cargo test --test docker -- --ignored"]
+async fn a_name_conflict_adopts_our_own_container_and_refuses_anyone_elses() {
+    let docker = engine().await;
+    let cluster = cluster("conflict");
+    let stranger = format!("{cluster}-stranger");
+    let _cleanup = Cleanup { cluster: cluster.clone(), extra: vec![stranger.clone()] };
+    let config = support::config(&config(&cluster, &engine_host(), &idle_machine()));
+    let drivers = flotilla::build_drivers(&config).unwrap();
+    let name = format!("{cluster}-g-again");
+
+    let first = drivers[0].create("g", &name).await.unwrap();
+    // A retried create of the same name (say, after a timeout on our side) finds it again.
+    let second = drivers[0].create("g", &name).await.unwrap();
+    assert_eq!(second.id, first.id);
+    assert_eq!(containers_of(&docker, &cluster).await.len(), 1);
+
+    let id = foreign(&docker, &stranger, &[]).await;
+    let e = drivers[0].create("g", &stranger).await.unwrap_err();
+    assert!(matches!(&e, driver::Error::InvalidRequest(m) if m.contains("leaving it alone")), "{e:?}");
+    assert!(exists(&docker, &id).await);
+
+    let ours = MachineRef { group: "g".into(), name: name.clone(), id: first.id.clone() };
+    drivers[0].delete(&ours).await.unwrap();
+    assert!(matches!(drivers[0].delete(&ours).await, Err(driver::Error::NotFound(_))));
+}
