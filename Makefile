@@ -1,8 +1,17 @@
 # The one entry point: CI runs `make ci` (through .ci/run); developers run the same targets.
-.PHONY: test lint ci bench
+.PHONY: test test-no-docker lint ci bench
 
-# Every test: unit, loopback gRPC, CLI.
+# Every test: unit, loopback gRPC against the simulated cloud and the cloud fakes, CLI, and the
+# Docker driver on a real (private, throw-away) Docker engine that this target starts and stops.
 test:
+	@bash -c 'set -euo pipefail; \
+	  bash tests/docker/engine.sh start; \
+	  trap "bash tests/docker/engine.sh stop" EXIT; \
+	  eval "$$(bash tests/docker/engine.sh env)"; \
+	  cargo test -- --include-ignored'
+
+# The same without the Docker engine (its tests show as ignored).
+test-no-docker:
 	cargo test
 
 lint:

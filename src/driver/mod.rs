@@ -24,6 +24,7 @@ use async_trait::async_trait;
 
 use crate::config::{CLOUD_KEYS, Config, Problems, Section};
 
+pub mod docker;
 pub mod metered;
 pub mod openstack;
 pub mod proxmox;
@@ -194,7 +195,7 @@ pub trait Driver: Send + Sync + fmt::Debug {
 pub type SharedDriver = Arc<dyn Driver>;
 
 /// Drivers Flotilla knows, for messages.
-pub const KINDS: &[&str] = &["simulated", "openstack", "proxmox"];
+pub const KINDS: &[&str] = &["simulated", "docker", "openstack", "proxmox"];
 
 /// The provider-id format a driver's machines get unless a group says otherwise: what the
 /// node's kubelet or cloud controller sets.
@@ -204,6 +205,8 @@ pub fn default_provider_id(driver: &str) -> &'static str {
         // What the OpenStack cloud controller manager sets.
         "openstack" => "openstack:///{id}",
         "proxmox" => "proxmox://{region}/{id}",
+        // What a k3s agent registers: its node name is the container's hostname.
+        "docker" => "k3s://{name}",
         _ => "{name}",
     }
 }
@@ -289,6 +292,17 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
                     },
                     None => None,
                 }
+            }
+            "docker" => {
+                let settings = docker::CloudSettings::parse(&mut section, p);
+                let mut groups = std::collections::BTreeMap::new();
+                for (group, mut m) in machines.drain(..) {
+                    if let Some(g) = docker::GroupSettings::parse(&mut m, p) {
+                        groups.insert(group.to_owned(), g);
+                    }
+                    m.finish(p);
+                }
+                settings.map(|s| Arc::new(docker::DockerDriver::new(&config.cluster_name, s, groups)) as SharedDriver)
             }
             other => {
                 // Its keys mean nothing without the driver: report only the driver name.
