@@ -250,4 +250,31 @@ mod tests {
         assert_eq!(node["status"]["allocatable"]["cpu"], "1900m");
         assert_eq!(node["status"]["capacity"]["memory"], "4Gi");
     }
+
+    #[test]
+    fn the_kwok_example_is_valid_and_names_its_missing_kubeconfig() {
+        let text = include_str!("../../../examples/simulated-kwok.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(text, "simulated-kwok.toml", dir.path()).unwrap();
+        let problems = crate::build_drivers(&config).unwrap_err();
+        let paths: Vec<_> = problems.items.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["clouds.sim.kubernetes.kubeconfig"], "{problems}");
+        assert!(problems.to_string().contains("cannot read"), "{problems}");
+    }
+
+    #[test]
+    fn unknown_kubernetes_and_machine_keys_are_reported() {
+        let text = format!(
+            "{CONFIG}\n[clouds.sim.kubernetes]\nkubeconfig = \"/nonexistent\"\nnamespace = \"x\"\n\
+             [groups.small.machine]\nregister_nodes = true\n"
+        );
+        let config = Config::parse(&text, "test.toml", Path::new(".")).unwrap();
+        let problems = crate::build_drivers(&config).unwrap_err();
+        let paths: Vec<_> = problems.items.iter().map(|i| i.path.as_str()).collect();
+        for expected in
+            ["clouds.sim.kubernetes.namespace", "groups.small.machine.register_nodes", "clouds.sim.kubernetes.kubeconfig"]
+        {
+            assert!(paths.contains(&expected), "missing {expected} in {problems}");
+        }
+    }
 }
