@@ -271,9 +271,11 @@ mod tests {
         let config = Config::parse(&text, "test.toml", Path::new(".")).unwrap();
         let problems = crate::build_drivers(&config).unwrap_err();
         let paths: Vec<_> = problems.items.iter().map(|i| i.path.as_str()).collect();
-        for expected in
-            ["clouds.sim.kubernetes.namespace", "groups.small.machine.register_nodes", "clouds.sim.kubernetes.kubeconfig"]
-        {
+        for expected in [
+            "clouds.sim.kubernetes.namespace",
+            "groups.small.machine.register_nodes",
+            "clouds.sim.kubernetes.kubeconfig",
+        ] {
             assert!(paths.contains(&expected), "missing {expected} in {problems}");
         }
     }
