@@ -234,18 +234,12 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
                     }
                     m.finish(p);
                 }
-                let registrar = settings.kubeconfig.as_ref().and_then(|path| {
-                    match simulated::kube::Client::from_kubeconfig(path) {
-                        Ok(api) => Some(simulated::nodes::Registrar::new(
-                            api,
-                            &config.cluster_name,
-                            node_shapes(config, &cloud.region, &registering),
-                        )),
-                        Err(e) => {
-                            p.push(format!("clouds.{}.kubernetes.kubeconfig", cloud.name), e.to_string());
-                            None
-                        }
-                    }
+                let registrar = settings.kubeconfig.clone().map(|path| {
+                    simulated::nodes::Registrar::new(
+                        path,
+                        &config.cluster_name,
+                        node_shapes(config, &cloud.region, &registering),
+                    )
                 });
                 match simulated::Simulated::new(&config.cluster_name, settings) {
                     Ok(d) => Some(Arc::new(match registrar {
