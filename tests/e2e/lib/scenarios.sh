@@ -200,6 +200,10 @@ scale_down_unneeded_time = \"20s\""
 	node=$(kc -n default get pods -l app=web -o jsonpath='{.items[0].spec.nodeName}')
 	provider=$(kc get node "$node" -o jsonpath='{.spec.providerID}')
 	[[ $provider == "simulated://$cluster/$node" ]] || fail "node $node has providerID $provider" || return 1
+	# The Node looks like the group's template: its capacity and labels.
+	local shape
+	shape=$(kc get node "$node" -o jsonpath='{.status.capacity.cpu}/{.status.capacity.memory}/{.metadata.labels.e2e\.flotilla\.dev/pool}')
+	[[ $shape == "2/4Gi/$cluster" ]] || fail "node $node has cpu/memory/pool $shape, expected 2/4Gi/$cluster" || return 1
 	[[ $(rpc_count NodeGroupTemplateNodeInfo) -ge 1 ]] || fail "CA never called NodeGroupTemplateNodeInfo" || return 1
 	[[ $(rpc_count NodeGroupIncreaseSize) -ge 1 ]] || fail "CA never called NodeGroupIncreaseSize" || return 1
 	[[ $(machines sim | wc -l) -eq 1 ]] || fail "expected 1 machine, the cloud has: $(machines sim | xargs)" || return 1
