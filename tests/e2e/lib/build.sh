@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Builds (or reuses) the Go components of the e2e suite. Sourced by tests/e2e/run.
 #
 # Everything lives under $E2E_CACHE (default ~/.cache/flotilla-e2e): the Go module

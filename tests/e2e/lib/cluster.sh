@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # A throw-away Kubernetes control plane on 127.0.0.1, for tests/e2e/run (sourced).
 #
 # etcd, kube-apiserver, kube-scheduler, kube-controller-manager and kwok (playing the
@@ -178,8 +179,9 @@ start_cluster() {
 		-c "$RUN_DIR/kwok-stages.yaml"
 	wait_for 60 "the default ServiceAccount" kc -n default get serviceaccount default || return 1
 	sleep 1
-	for p in $(cat "$RUN_DIR"/pids/{etcd,kube-apiserver,kube-scheduler,kube-controller-manager,kwok}); do
-		kill -0 "$p" 2>/dev/null || { log "a control-plane process exited early (see $RUN_DIR/logs)"; return 1; }
+	local name
+	for name in etcd kube-apiserver kube-scheduler kube-controller-manager kwok; do
+		kill -0 "$(<"$RUN_DIR/pids/$name")" 2>/dev/null || { log "$name exited early (see $RUN_DIR/logs/$name.log)"; return 1; }
 	done
 	log "control plane up: kube-apiserver on 127.0.0.1:$APISERVER_PORT"
 }

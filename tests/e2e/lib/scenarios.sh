@@ -1,3 +1,7 @@
+# shellcheck shell=bash
+# Helper predicates are defined inside scenarios and called through wait_for (SC2317);
+# REASON and ELAPSED are read by tests/e2e/run (SC2034).
+# shellcheck disable=SC2317,SC2034
 # The e2e scenarios, for tests/e2e/run (sourced). Each scenario function returns 0 on
 # success; on failure it sets REASON and returns 1. Every scenario gets its own directory
 # ($SDIR), its own cluster_name (so its Nodes carry their own flotilla.dev/cluster label),
@@ -175,7 +179,7 @@ scenario_cleanup() {
 	kc -n default delete deployment --all --wait=false >/dev/null 2>&1
 	[[ -n $CA_PID ]] && stop "$CA_PID"
 	[[ -n $FLOTILLA_PID ]] && stop "$FLOTILLA_PID"
-	CA_PID= FLOTILLA_PID=
+	CA_PID='' FLOTILLA_PID=''
 	kc -n default delete pods --all --grace-period=0 --force >/dev/null 2>&1
 	kc delete nodes -l "flotilla.dev/cluster=$cluster" --wait=false >/dev/null 2>&1
 	kc -n kube-system delete configmap cluster-autoscaler-priority-expander >/dev/null 2>&1
