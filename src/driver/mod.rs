@@ -235,11 +235,25 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
         let driver: Option<SharedDriver> = match cloud.driver.as_str() {
             "simulated" => {
                 let settings = simulated::Settings::parse(&mut section, p);
-                for (_, m) in machines.drain(..) {
+                let mut registering = Vec::new();
+                for (group, mut m) in machines.drain(..) {
+                    if m.boolean("register_node", p).unwrap_or(true) {
+                        registering.push(group);
+                    }
                     m.finish(p);
                 }
+                let registrar = settings.kubeconfig.clone().map(|path| {
+                    simulated::nodes::Registrar::new(
+                        path,
+                        &config.cluster_name,
+                        node_shapes(config, &cloud.region, &registering),
+                    )
+                });
                 match simulated::Simulated::new(&config.cluster_name, settings) {
-                    Ok(d) => Some(Arc::new(d)),
+                    Ok(d) => Some(Arc::new(match registrar {
+                        Some(r) => d.with_registrar(r),
+                        None => d,
+                    })),
                     Err(e) => {
                         p.push(section.key_path("state_file"), format!("cannot load: {e}"));
                         None
@@ -316,4 +330,26 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
         }
     }
     drivers
+}
+
+/// How the Nodes of each named group look, for drivers that register Nodes themselves: the
+/// core's template node and provider-id format, so a Node matches what the core reports.
+fn node_shapes(
+    config: &Config,
+    region: &str,
+    groups: &[&str],
+) -> std::collections::BTreeMap<String, simulated::nodes::GroupNodes> {
+    config
+        .groups
+        .iter()
+        .filter(|g| groups.contains(&g.name.as_str()))
+        .map(|g| {
+            let nodes = simulated::nodes::GroupNodes {
+                template: crate::template::Template::build(g, Shape::default(), &config.gpu.label),
+                provider_id: g.provider_id.clone(),
+                region: region.to_owned(),
+            };
+            (g.name.clone(), nodes)
+        })
+        .collect()
 }

@@ -10,11 +10,15 @@
 //! (how long a new machine reports Creating, default 0), `fail_rate` (0..1, share of creates that
 //! fail), `fail_every` (every Nth create fails), `quota` (machines in the whole simulated cloud,
 //! past which creates fail with OutOfResources), `state_file`.
+//!
+//! With `[clouds.NAME.kubernetes] kubeconfig = "path"`, booted machines also register a
+//! kwok-managed Node through the Kubernetes API (see [`nodes`]); a group opts out with
+//! `[groups.G.machine] register_node = false` (machines that never become Nodes).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -23,6 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Driver, Error, Machine, MachineRef, MachineState, Result};
 use crate::config::{Problems, Section};
+
+pub mod kube;
+pub mod nodes;
 
 /// Settings of one simulated cloud.
 #[derive(Clone, Debug, Default)]
@@ -35,6 +42,8 @@ pub struct Settings {
     pub fail_every: u64,
     pub quota: Option<usize>,
     pub state_file: Option<PathBuf>,
+    /// `[kubernetes] kubeconfig`: register a Node for each booted machine.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Settings {
@@ -49,6 +58,11 @@ impl Settings {
             fail_every: s.integer("fail_every", p).unwrap_or(0),
             quota: s.integer("quota", p),
             state_file: s.string("state_file", p).map(|f| p.resolve(&f)),
+            kubeconfig: s.section("kubernetes", p).and_then(|mut k| {
+                let path = k.required_string("kubeconfig", p).map(|f| p.resolve(&f));
+                k.finish(p);
+                path
+            }),
         };
         if !(0.0..=1.0).contains(&settings.fail_rate) {
             p.push(s.key_path("fail_rate"), "must be between 0 and 1");
@@ -85,7 +99,9 @@ struct Faults {
 pub struct Simulated {
     cluster: String,
     settings: Settings,
-    store: Mutex<Store>,
+    /// Shared with the node registrar's syncs, which read which machines have booted.
+    store: Arc<Mutex<Store>>,
+    registrar: Option<Arc<nodes::Registrar>>,
     /// Creates attempted so far (for `fail_every`).
     creates: Mutex<u64>,
     /// Creates running now, and the most ever seen at once.
@@ -95,6 +111,10 @@ pub struct Simulated {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn booted(r: &Record, boot_time: Duration) -> bool {
+    now_ms().saturating_sub(r.created_at_ms) >= boot_time.as_millis() as u64
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,11 +134,18 @@ impl Simulated {
         Ok(Simulated {
             cluster: cluster.to_owned(),
             settings,
-            store: Mutex::new(store),
+            store: Arc::new(Mutex::new(store)),
+            registrar: None,
             creates: Mutex::new(0),
             concurrency: Mutex::new((0, 0)),
             faults: Mutex::new(Faults::default()),
         })
+    }
+
+    /// Registers Nodes for booted machines through `registrar` (see [`nodes`]).
+    pub fn with_registrar(mut self, registrar: nodes::Registrar) -> Simulated {
+        self.registrar = Some(Arc::new(registrar));
+        self
     }
 
     /// Starts or ends a simulated outage: every call fails with `Unavailable`.
@@ -174,7 +201,7 @@ impl Simulated {
     }
 
     fn machine(&self, r: &Record) -> Machine {
-        let booted = now_ms().saturating_sub(r.created_at_ms) >= self.settings.boot_time.as_millis() as u64;
+        let booted = booted(r, self.settings.boot_time);
         Machine {
             group: r.group.clone(),
             name: r.name.clone(),
@@ -216,8 +243,24 @@ impl Driver for Simulated {
     async fn list(&self) -> Result<Vec<Machine>> {
         tokio::time::sleep(self.settings.list_latency).await;
         self.check_outage()?;
-        let store = lock(&self.store);
-        Ok(store.machines.values().filter(|r| r.cluster == self.cluster).map(|r| self.machine(r)).collect())
+        let machines = {
+            let store = lock(&self.store);
+            store.machines.values().filter(|r| r.cluster == self.cluster).map(|r| self.machine(r)).collect()
+        };
+        if let Some(registrar) = &self.registrar {
+            let (store, cluster, boot_time) = (Arc::clone(&self.store), self.cluster.clone(), self.settings.boot_time);
+            let reg = Arc::clone(registrar);
+            registrar.queue_sync(move || {
+                let store = lock(&store);
+                store
+                    .machines
+                    .values()
+                    .filter(|r| r.cluster == cluster && reg.registers(&r.group) && booted(r, boot_time))
+                    .map(|r| nodes::Wanted { group: r.group.clone(), name: r.name.clone() })
+                    .collect::<BTreeSet<_>>()
+            });
+        }
+        Ok(machines)
     }
 
     async fn create(&self, group: &str, name: &str) -> Result<Machine> {
@@ -257,19 +300,30 @@ impl Driver for Simulated {
     async fn delete(&self, machine: &MachineRef) -> Result<()> {
         tokio::time::sleep(self.settings.delete_latency).await;
         self.check_outage()?;
-        let mut store = lock(&self.store);
-        match store.machines.get(&machine.id) {
-            Some(r) if r.cluster == self.cluster && r.group == machine.group => {
-                store.machines.remove(&machine.id);
-                self.persist(&store);
-                Ok(())
+        let removed = {
+            let mut store = lock(&self.store);
+            match store.machines.get(&machine.id) {
+                Some(r) if r.cluster == self.cluster && r.group == machine.group => {
+                    store.machines.remove(&machine.id);
+                    self.persist(&store);
+                    Ok(())
+                }
+                // Someone else's machine: refuse, never touch it.
+                Some(_) => {
+                    Err(Error::InvalidRequest(format!("machine {} is not owned by this cluster and group", machine.id)))
+                }
+                None => Err(Error::NotFound(format!("machine {}", machine.id))),
             }
-            // Someone else's machine: refuse, never touch it.
-            Some(_) => {
-                Err(Error::InvalidRequest(format!("machine {} is not owned by this cluster and group", machine.id)))
+        };
+        removed?;
+        if let Some(registrar) = &self.registrar {
+            // The machine is gone whatever happens here: a Node left behind is removed by the
+            // next listing's sync.
+            if let Err(e) = registrar.remove(&machine.group, &machine.name).await {
+                tracing::warn!(group = %machine.group, node = %machine.name, error = %e, "cannot remove node, will retry");
             }
-            None => Err(Error::NotFound(format!("machine {}", machine.id))),
         }
+        Ok(())
     }
 
     async fn check(&self) -> Result<()> {

@@ -1,0 +1,370 @@
+# shellcheck shell=bash
+# Helper predicates are defined inside scenarios and called through wait_for (SC2317);
+# REASON and ELAPSED are read by tests/e2e/run (SC2034).
+# shellcheck disable=SC2317,SC2034
+# The e2e scenarios, for tests/e2e/run (sourced). Each scenario function returns 0 on
+# success; on failure it sets REASON and returns 1. Every scenario gets its own directory
+# ($SDIR), its own cluster_name (so its Nodes carry their own flotilla.dev/cluster label),
+# its own pool label (so its pods fit only its own groups' nodes), its own Flotilla and its
+# own cluster-autoscaler; `scenario_cleanup` stops them and removes what is left.
+
+REASON=
+FLOTILLA_PID=
+CA_PID=
+
+fail() {
+	REASON=$*
+	return 1
+}
+
+# flotilla_config CLUSTER POOL [tls] -> writes the head of $SDIR/flotilla.toml; the caller
+# appends clouds and groups. Ports are chosen once per scenario and kept across restarts.
+flotilla_config() {
+	local cluster=$1 tls=${2:-}
+	GRPC_PORT=$(free_port)
+	HTTP_PORT=$(free_port)
+	cat >"$SDIR/flotilla.toml" <<EOF
+cluster_name = "$cluster"
+
+[server]
+grpc_listen = "127.0.0.1:$GRPC_PORT"
+http_listen = "127.0.0.1:$HTTP_PORT"
+shutdown_grace = "5s"
+
+[log]
+level = "info,flotilla=debug"
+
+[state]
+refresh_timeout = "3s"
+max_staleness = "60s"
+reconcile_interval = "5s"
+EOF
+	if [[ $tls == tls ]]; then
+		cat >>"$SDIR/flotilla.toml" <<EOF
+
+[server.tls]
+cert_file = "$RUN_DIR/pki/flotilla.crt"
+key_file = "$RUN_DIR/pki/flotilla.key"
+client_ca_file = "$RUN_DIR/pki/ca.crt"
+EOF
+	fi
+}
+
+# sim_cloud NAME [EXTRA_TOML_LINES] -> a simulated cloud that registers kwok Nodes.
+sim_cloud() {
+	cat >>"$SDIR/flotilla.toml" <<EOF
+
+[clouds.$1]
+driver = "simulated"
+boot_time = "2s"
+create_latency = "300ms"
+delete_latency = "100ms"
+state_file = "$SDIR/$1-state.json"
+${2:-}
+
+[clouds.$1.kubernetes]
+kubeconfig = "$RUN_DIR/pki/admin.kubeconfig"
+EOF
+}
+
+# group NAME CLOUD POOL MAX [EXTRA_TOML_LINES] -> a node group of 2-CPU, 4 GiB machines.
+group() {
+	cat >>"$SDIR/flotilla.toml" <<EOF
+
+[groups.$1]
+cloud = "$2"
+min_size = 0
+max_size = $4
+
+[groups.$1.template]
+cpu = "2"
+memory = "4Gi"
+pods = 20
+labels = { "e2e.flotilla.dev/pool" = "$3" }
+${5:-}
+EOF
+}
+
+ctl_tls_args() { echo --cert "$RUN_DIR/pki/autoscaler.crt" --key "$RUN_DIR/pki/autoscaler.key" --cacert "$RUN_DIR/pki/ca.crt"; }
+
+# ctl ARGS... -> flotilla ctl against this scenario's server (with the client certificate
+# when the scenario uses mTLS).
+ctl() {
+	local extra=()
+	[[ -n ${SCENARIO_TLS:-} ]] && read -ra extra <<<"$(ctl_tls_args)"
+	"$FLOTILLA" ctl --address "127.0.0.1:$GRPC_PORT" "${extra[@]}" "$@"
+}
+
+start_flotilla() {
+	"$FLOTILLA" check-config --config "$SDIR/flotilla.toml" >>"$SDIR/flotilla.log" 2>&1 ||
+		fail "flotilla check-config rejected $SDIR/flotilla.toml" || return 1
+	spawn "$SNAME-flotilla" "$FLOTILLA" serve --config "$SDIR/flotilla.toml"
+	FLOTILLA_PID=$SPAWNED_PID
+	wait_for 30 "flotilla to answer" ctl node-groups || fail "flotilla did not start (see logs/$SNAME-flotilla.log)"
+}
+
+# start_ca VERSION [tls|plain] [EXTRA CA FLAGS...]
+start_ca() {
+	local version=$1 mode=${2:-plain} bin
+	shift 2
+	bin=$(ca_bin "$version")/cluster-autoscaler
+	[[ -x $bin ]] || fail "cluster-autoscaler $version was not built (see logs/build-ca-$version.log)" || return 1
+	{
+		echo "address: 127.0.0.1:$GRPC_PORT"
+		echo "grpc_timeout: 10s"
+		if [[ $mode == tls ]]; then
+			echo "cert: $RUN_DIR/pki/autoscaler.crt"
+			echo "key: $RUN_DIR/pki/autoscaler.key"
+			echo "cacert: $RUN_DIR/pki/ca.crt"
+		fi
+	} >"$SDIR/cloud-config.yaml"
+	# Global scale-down-unneeded-time and max-node-provision-time stay long on purpose:
+	# the short ones the scenarios need come from the groups' options (GetOptions). A node
+	# that held a pod is "unremovable" until --unremovable-node-recheck-timeout (5m by
+	# default) passes, so scale-down would wait 5 minutes without the short recheck.
+	spawn "$SNAME-ca" "$bin" \
+		--cloud-provider=externalgrpc --cloud-config="$SDIR/cloud-config.yaml" \
+		--kubeconfig="$RUN_DIR/pki/admin.kubeconfig" --namespace=kube-system \
+		--leader-elect=false --address="127.0.0.1:$(free_port)" \
+		--scan-interval=5s --new-pod-scale-up-delay=0s \
+		--scale-down-delay-after-add=0s --scale-down-delay-after-delete=0s \
+		--scale-down-unneeded-time=10m --max-node-provision-time=15m \
+		--unremovable-node-recheck-timeout=5s \
+		--v=4 "$@"
+	CA_PID=$SPAWNED_PID
+}
+
+rpc_count() {
+	curl -s "http://127.0.0.1:$HTTP_PORT/metrics" |
+		awk -v m="method=\"$1\"" 'index($0, "flotilla_grpc_requests_total{") == 1 && index($0, m) { s += $NF } END { print s + 0 }'
+}
+
+# machines CLOUD -> machine names in the simulated cloud's state file, one a line.
+machines() {
+	[[ -f $SDIR/$1-state.json ]] || return 0
+	python3 -c 'import json,sys; [print(k) for k in json.load(open(sys.argv[1]))["machines"]]' "$SDIR/$1-state.json"
+}
+
+node_count() { kc get nodes -l "flotilla.dev/cluster=$1" -o name 2>/dev/null | wc -l; }
+
+# workload NAME POOL REPLICAS CPU -> a Deployment whose pods fit only the POOL groups.
+workload() {
+	cat <<EOF | kc apply -f - >/dev/null
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: $1, namespace: default }
+spec:
+  replicas: $3
+  selector: { matchLabels: { app: $1 } }
+  template:
+    metadata: { labels: { app: $1 } }
+    spec:
+      nodeSelector: { e2e.flotilla.dev/pool: $2 }
+      terminationGracePeriodSeconds: 0
+      containers:
+      - name: main
+        image: registry.invalid/pause:never-pulled
+        resources: { requests: { cpu: "$4", memory: 256Mi } }
+EOF
+}
+
+running_pods() {
+	kc -n default get pods -l "app=$1" --field-selector=status.phase=Running -o name 2>/dev/null | wc -l
+}
+
+all_running() { [[ $(running_pods "$1") -ge $2 ]]; }
+
+scenario_cleanup() {
+	local cluster=$1
+	kc -n default delete deployment --all --wait=false >/dev/null 2>&1
+	[[ -n $CA_PID ]] && stop "$CA_PID"
+	[[ -n $FLOTILLA_PID ]] && stop "$FLOTILLA_PID"
+	CA_PID='' FLOTILLA_PID=''
+	kc -n default delete pods --all --grace-period=0 --force >/dev/null 2>&1
+	kc delete nodes -l "flotilla.dev/cluster=$cluster" --wait=false >/dev/null 2>&1
+	kc -n kube-system delete configmap cluster-autoscaler-priority-expander >/dev/null 2>&1
+	return 0
+}
+
+# 1. Scale up from zero: a pending pod -> TemplateNodeInfo, IncreaseSize -> Node -> Running.
+scale_up_from_zero() {
+	local version=$1 cluster=$2
+	flotilla_config "$cluster"
+	sim_cloud sim
+	group up sim "$cluster" 3 "
+[groups.up.options]
+scale_down_unneeded_time = \"20s\""
+	start_flotilla || return 1
+	start_ca "$version" plain || return 1
+	local t0=$SECONDS
+	workload web "$cluster" 1 500m
+	wait_for 120 "the pod to run" all_running web 1 || fail "pod not Running after 120s" || return 1
+	ELAPSED=$((SECONDS - t0))
+	local node provider
+	node=$(kc -n default get pods -l app=web -o jsonpath='{.items[0].spec.nodeName}')
+	provider=$(kc get node "$node" -o jsonpath='{.spec.providerID}')
+	[[ $provider == "simulated://$cluster/$node" ]] || fail "node $node has providerID $provider" || return 1
+	# The Node looks like the group's template: its capacity and labels.
+	local shape
+	shape=$(kc get node "$node" -o jsonpath='{.status.capacity.cpu}/{.status.capacity.memory}/{.metadata.labels.e2e\.flotilla\.dev/pool}')
+	[[ $shape == "2/4Gi/$cluster" ]] || fail "node $node has cpu/memory/pool $shape, expected 2/4Gi/$cluster" || return 1
+	[[ $(rpc_count NodeGroupTemplateNodeInfo) -ge 1 ]] || fail "CA never called NodeGroupTemplateNodeInfo" || return 1
+	[[ $(rpc_count NodeGroupIncreaseSize) -ge 1 ]] || fail "CA never called NodeGroupIncreaseSize" || return 1
+	[[ $(machines sim | wc -l) -eq 1 ]] || fail "expected 1 machine, the cloud has: $(machines sim | xargs)" || return 1
+}
+
+# 2. Scale down (continues scenario 1): no workload -> DeleteNodes after the group's 20 s.
+scale_down() {
+	local cluster=$1
+	local t0=$SECONDS
+	kc -n default delete deployment web >/dev/null || fail "cannot delete the workload" || return 1
+	no_machines() { [[ -z $(machines sim) && $(node_count "$cluster") -eq 0 ]]; }
+	wait_for 150 "machine and Node to go" no_machines ||
+		fail "after 150s: machines [$(machines sim | xargs)], $(node_count "$cluster") Nodes" || return 1
+	ELAPSED=$((SECONDS - t0))
+	[[ $(rpc_count NodeGroupDeleteNodes) -ge 1 ]] || fail "CA never called NodeGroupDeleteNodes" || return 1
+	[[ $(rpc_count NodeGroupGetOptions) -ge 1 ]] || fail "CA never called NodeGroupGetOptions" || return 1
+	# The per-group 20 s, not CA's global 10 m, decided it.
+	((ELAPSED < 120)) || fail "scale-down took ${ELAPSED}s: the group's scale_down_unneeded_time was not used" || return 1
+}
+
+# 3. Group a's cloud is at quota: CA tries a (priority expander), backs off, scales b.
+failed_scale_up_falls_back() {
+	local version=$1 cluster=$2
+	flotilla_config "$cluster"
+	sim_cloud full "quota = 0"
+	sim_cloud sim
+	group a full "$cluster" 3
+	group b sim "$cluster" 3
+	cat <<EOF | kc apply -f - >/dev/null
+apiVersion: v1
+kind: ConfigMap
+metadata: { name: cluster-autoscaler-priority-expander, namespace: kube-system }
+data:
+  priorities: |-
+    50:
+      - ^a$
+    10:
+      - ^b$
+EOF
+	start_flotilla || return 1
+	start_ca "$version" plain --expander=priority || return 1
+	local t0=$SECONDS
+	workload fallback "$cluster" 1 500m
+	wait_for 180 "the pod to run" all_running fallback 1 || fail "pod not Running after 180s" || return 1
+	ELAPSED=$((SECONDS - t0))
+	local node group
+	node=$(kc -n default get pods -l app=fallback -o jsonpath='{.items[0].spec.nodeName}')
+	group=$(kc get node "$node" -o jsonpath='{.metadata.labels.flotilla\.dev/group}')
+	[[ $group == b ]] || fail "pod runs on node $node of group '$group', expected b" || return 1
+	grep -q 'create failed.*group=a\|group=a.*create failed' "$RUN_DIR/logs/$SNAME-flotilla.log" ||
+		fail "Flotilla never tried group a (CA did not pick it first)" || return 1
+	a_clean() { [[ $(ctl target-size a) == 0 && -z $(ctl nodes a) ]]; }
+	wait_for 60 "group a's failed machines to be cleaned up" a_clean ||
+		fail "group a not cleaned up: target $(ctl target-size a), instances: $(ctl nodes a | xargs)" || return 1
+}
+
+# 4. Machines that never become Nodes are deleted after the group's max_node_provision_time.
+never_registered() {
+	local version=$1 cluster=$2
+	flotilla_config "$cluster"
+	sim_cloud sim
+	group ghost sim "$cluster" 2 "
+[groups.ghost.machine]
+register_node = false
+
+[groups.ghost.options]
+max_node_provision_time = \"30s\""
+	start_flotilla || return 1
+	start_ca "$version" plain || return 1
+	local t0=$SECONDS
+	workload ghost "$cluster" 1 500m
+	has_machine() { [[ -n $(machines sim) ]]; }
+	wait_for 60 "a machine to be created" has_machine || fail "CA never scaled up the group" || return 1
+	local first
+	first=$(machines sim | head -1)
+	# The scale-up is under way; without the pod CA has no reason to ask for another machine,
+	# so whatever is left in the cloud afterwards is a leak.
+	kc -n default delete deployment ghost >/dev/null
+	gone() { ! machines sim | grep -qx "$first"; }
+	wait_for 150 "CA to delete the unregistered machine" gone ||
+		fail "machine $first still there after 150s" || return 1
+	ELAPSED=$((SECONDS - t0))
+	((ELAPSED >= 30)) || fail "machine deleted after ${ELAPSED}s, before max_node_provision_time" || return 1
+	((ELAPSED < 120)) || fail "machine deleted after ${ELAPSED}s: the group's max_node_provision_time was not used" || return 1
+	[[ $(rpc_count NodeGroupDeleteNodes) -ge 1 || $(rpc_count NodeGroupDecreaseTargetSize) -ge 1 ]] ||
+		fail "the machine went without DeleteNodes or DecreaseTargetSize" || return 1
+	# Give CA a few loops to leak something if it were going to, then count.
+	sleep 15
+	[[ -z $(machines sim) ]] || fail "machines leaked: $(machines sim | xargs)" || return 1
+	[[ $(ctl target-size ghost) == 0 ]] || fail "target size $(ctl target-size ghost), expected 0" || return 1
+	[[ $(node_count "$cluster") -eq 0 ]] || fail "a Node was registered for a register_node = false group" || return 1
+}
+
+# 5. mTLS: CA with a client certificate scales up; clients without one are refused.
+mtls() {
+	local version=$1 cluster=$2
+	SCENARIO_TLS=1
+	flotilla_config "$cluster" tls
+	sim_cloud sim
+	group secure sim "$cluster" 2
+	start_flotilla || return 1
+	local t0=$SECONDS
+	if "$FLOTILLA" ctl --address "127.0.0.1:$GRPC_PORT" node-groups >>"$SDIR/ctl-plain.log" 2>&1; then
+		fail "flotilla ctl without a client certificate was served"
+		return 1
+	fi
+	local wrong=$SDIR/wrong
+	mkdir -p "$wrong"
+	openssl req -x509 -new -newkey rsa:2048 -nodes -keyout "$wrong/ca.key" -subj /CN=stranger-ca -days 1 \
+		-out "$wrong/ca.crt" 2>/dev/null
+	openssl req -new -newkey rsa:2048 -nodes -keyout "$wrong/c.key" -subj /CN=stranger -out "$wrong/c.csr" 2>/dev/null
+	openssl x509 -req -in "$wrong/c.csr" -CA "$wrong/ca.crt" -CAkey "$wrong/ca.key" -CAcreateserial -days 1 \
+		-out "$wrong/c.crt" 2>/dev/null
+	if "$FLOTILLA" ctl --address "127.0.0.1:$GRPC_PORT" --cert "$wrong/c.crt" --key "$wrong/c.key" \
+		--cacert "$RUN_DIR/pki/ca.crt" node-groups >>"$SDIR/ctl-stranger.log" 2>&1; then
+		fail "a client certificate from another CA was accepted"
+		return 1
+	fi
+	start_ca "$version" tls || return 1
+	workload secure "$cluster" 1 500m
+	wait_for 120 "the pod to run" all_running secure 1 || fail "pod not Running after 120s over mTLS" || return 1
+	ELAPSED=$((SECONDS - t0))
+	SCENARIO_TLS=
+}
+
+# 6. SIGKILL Flotilla in the middle of a scale-up of 5, start it again: CA finishes, and the
+# cloud ends with exactly 5 machines and 5 Nodes.
+restart_during_scale_up() {
+	local version=$1 cluster=$2
+	flotilla_config "$cluster"
+	sim_cloud sim "create_concurrency = 1"
+	# Slow creates, so the kill lands while most of the 5 are still to come.
+	sed -i 's/^create_latency = "300ms"/create_latency = "2s"/' "$SDIR/flotilla.toml"
+	group r sim "$cluster" 8
+	start_flotilla || return 1
+	start_ca "$version" plain || return 1
+	local t0=$SECONDS
+	# 1.5 CPU each on 2-CPU machines: one pod per machine, five machines.
+	workload burst "$cluster" 5 1500m
+	some_machines() { [[ $(machines sim | wc -l) -ge 1 ]]; }
+	wait_for 90 "the first machine" some_machines || fail "CA never scaled up" || return 1
+	local before
+	before=$(machines sim | wc -l)
+	stop "$FLOTILLA_PID" KILL
+	log "killed flotilla with $before of 5 machines created"
+	((before < 5)) || fail "all 5 machines existed before the kill; the test proves nothing" || return 1
+	spawn "$SNAME-flotilla" "$FLOTILLA" serve --config "$SDIR/flotilla.toml"
+	FLOTILLA_PID=$SPAWNED_PID
+	wait_for 30 "flotilla to answer again" ctl node-groups || fail "flotilla did not restart" || return 1
+	wait_for 240 "all 5 pods to run" all_running burst 5 || fail "$(running_pods burst) of 5 pods Running after 240s" || return 1
+	ELAPSED=$((SECONDS - t0))
+	# Let CA and Flotilla run a few more loops: any duplicate would show up now.
+	sleep 15
+	local n nodes
+	n=$(machines sim | wc -l)
+	nodes=$(node_count "$cluster")
+	[[ $n -eq 5 ]] || fail "the cloud has $n machines, expected 5: $(machines sim | xargs)" || return 1
+	[[ $nodes -eq 5 ]] || fail "$nodes Nodes, expected 5" || return 1
+	[[ $(ctl target-size r) == 5 ]] || fail "target size $(ctl target-size r), expected 5" || return 1
+}
