@@ -1,5 +1,5 @@
 # The one entry point: CI runs `make ci` (through .ci/run); developers run the same targets.
-.PHONY: test test-no-docker lint ci bench
+.PHONY: test test-no-docker lint ci bench e2e
 
 # Every test: unit, loopback gRPC against the simulated cloud and the cloud fakes, CLI, and the
 # Docker driver on a real (private, throw-away) Docker engine that this target starts and stops.
@@ -22,4 +22,11 @@ lint:
 bench:
 	cargo bench --bench rpc_latency
 
+# The real cluster-autoscaler against Flotilla and a real kube-apiserver (see the README).
+e2e:
+	bash tests/e2e/run
+
+# The end-to-end suite runs when cluster-autoscaler can be had (cached, or from the module proxy).
 ci: lint test
+	@if bash tests/e2e/run --check-ca; then bash tests/e2e/run; \
+	else echo "e2e: NOT RUN: cluster-autoscaler cannot be built here (see above); the suite needs it"; fi

@@ -10,7 +10,7 @@ E2E_CACHE=${E2E_CACHE:-$HOME/.cache/flotilla-e2e}
 export GOMODCACHE=${GOMODCACHE_E2E:-$E2E_CACHE/gomod}
 export GOCACHE=${GOCACHE_E2E:-$E2E_CACHE/gobuild}
 # Build with the installed Go; never download a toolchain (only registries are reachable,
-# and Kubernetes must be built with Go 1.26.x, see docs/e2e.md).
+# and Kubernetes must be built with Go 1.26.x, see the README, "End to end").
 export GOTOOLCHAIN=local
 export GOFLAGS=-mod=mod
 export CGO_ENABLED=0
@@ -55,37 +55,24 @@ build_kwok() {
 	rm -rf "$KWOK_BIN" && mv "$KWOK_BIN.tmp" "$KWOK_BIN"
 }
 
-# build_ca VERSION
-#
-# Default source: the Go module proxy, through the harness module tests/e2e/ca-VERSION.
-# If FLOTILLA_E2E_AUTOSCALER_GIT names a git directory of kubernetes/autoscaler (a
-# local clone), the tag cluster-autoscaler-VERSION is exported from it and the harness
-# module is pointed at that source with two more replace directives; everything else
-# (the pinned Kubernetes modules, the other dependencies) still comes from the proxy.
+# ca_source_reachable VERSION -> whether the Go module proxy serves the CA version the harness
+# module pins (some proxies refuse k8s.io/autoscaler/cluster-autoscaler).
+ca_source_reachable() {
+	local work module
+	work=$(copy_module "ca-$1") || return 1
+	module=$(cd "$work" && go list -m -f '{{.Path}}@{{.Version}}' k8s.io/autoscaler/cluster-autoscaler 2>/dev/null) || true
+	[[ -n $module ]] || module=$(awk '$1 == "k8s.io/autoscaler/cluster-autoscaler" { print $1 "@" $2; exit }' "$work/go.mod")
+	(cd "$work" && go mod download "$module") >/dev/null 2>&1
+}
+
+# build_ca VERSION: from the Go module proxy, through the harness module tests/e2e/ca-VERSION.
+# A binary already in the cache is used as it is.
 build_ca() {
 	local version=$1 bin
 	bin=$(ca_bin "$version")
 	[[ -x $bin/cluster-autoscaler ]] && return 0
 	local work
 	work=$(copy_module "ca-$version") || return 1
-	if [[ -n ${FLOTILLA_E2E_AUTOSCALER_GIT:-} ]]; then
-		local src=$E2E_CACHE/src/autoscaler-$version
-		if [[ ! -f $src/cluster-autoscaler/go.mod ]]; then
-			rm -rf "$src" && mkdir -p "$src"
-			local git=(git --git-dir="$FLOTILLA_E2E_AUTOSCALER_GIT") tag=cluster-autoscaler-$version excludes=()
-			# A partial clone may lack some blobs (huge generated files of other cloud
-			# providers, never compiled with -tags externalgrpc): leave those files out.
-			mapfile -t excludes < <("${git[@]}" ls-tree -r "$tag" -- cluster-autoscaler |
-				awk '{ print $3 " " $4 }' | "${git[@]}" cat-file --batch-check='%(objectname) %(rest)' |
-				awk '$2 == "missing" { print $1 }' | while read -r sha; do
-					"${git[@]}" ls-tree -r "$tag" -- cluster-autoscaler | awk -v s="$sha" '$3 == s { print ":(exclude)" $4 }'
-				done)
-			"${git[@]}" archive "$tag" -- cluster-autoscaler "${excludes[@]}" | tar -x -C "$src" || return 1
-		fi
-		(cd "$work" && go mod edit \
-			-replace "k8s.io/autoscaler/cluster-autoscaler=$src/cluster-autoscaler" \
-			-replace "k8s.io/autoscaler/cluster-autoscaler/apis=$src/cluster-autoscaler/apis") || return 1
-	fi
 	mkdir -p "$bin.tmp"
 	(cd "$work" && go build -tags externalgrpc -o "$bin.tmp/cluster-autoscaler" k8s.io/autoscaler/cluster-autoscaler) || return 1
 	rm -rf "$bin" && mv "$bin.tmp" "$bin"
