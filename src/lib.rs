@@ -26,6 +26,8 @@ use tracing::{info, warn};
 pub mod config;
 pub mod ctl;
 pub mod driver;
+pub mod incluster;
+pub mod kube;
 pub mod proto;
 pub mod provider_id;
 pub mod quantity;

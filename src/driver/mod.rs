@@ -242,11 +242,12 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
                     }
                     m.finish(p);
                 }
-                let registrar = settings.kubeconfig.clone().map(|path| {
+                let registrar = settings.register_nodes.then(|| {
                     simulated::nodes::Registrar::new(
-                        path,
+                        config.kube.clone(),
                         &config.cluster_name,
                         node_shapes(config, &cloud.region, &registering),
+                        settings.remove_nodes,
                     )
                 });
                 match simulated::Simulated::new(&config.cluster_name, settings) {

@@ -11,9 +11,12 @@
 //! fail), `fail_every` (every Nth create fails), `quota` (machines in the whole simulated cloud,
 //! past which creates fail with OutOfResources), `state_file`.
 //!
-//! With `[clouds.NAME.kubernetes] kubeconfig = "path"`, booted machines also register a
-//! kwok-managed Node through the Kubernetes API (see [`nodes`]); a group opts out with
+//! With `register_nodes = true`, booted machines also register a kwok-managed Node through
+//! the Kubernetes API that `[kubernetes]` names (see [`nodes`]); a group opts out with
 //! `[groups.G.machine] register_node = false` (machines that never become Nodes).
+//! `remove_nodes` (default true) makes the simulated cloud delete the Nodes of machines that
+//! are gone, as a cloud controller manager does; set it to false to see a cluster without one
+//! (and Flotilla's own `node_cleanup`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,7 +31,6 @@ use serde::{Deserialize, Serialize};
 use super::{Driver, Error, Machine, MachineRef, MachineState, Result};
 use crate::config::{Problems, Section};
 
-pub mod kube;
 pub mod nodes;
 
 /// Settings of one simulated cloud.
@@ -42,8 +44,10 @@ pub struct Settings {
     pub fail_every: u64,
     pub quota: Option<usize>,
     pub state_file: Option<PathBuf>,
-    /// `[kubernetes] kubeconfig`: register a Node for each booted machine.
-    pub kubeconfig: Option<PathBuf>,
+    /// Register a Node for each booted machine.
+    pub register_nodes: bool,
+    /// Delete the Nodes of machines that are gone, as a cloud controller manager does.
+    pub remove_nodes: bool,
 }
 
 impl Settings {
@@ -58,12 +62,17 @@ impl Settings {
             fail_every: s.integer("fail_every", p).unwrap_or(0),
             quota: s.integer("quota", p),
             state_file: s.string("state_file", p).map(|f| p.resolve(&f)),
-            kubeconfig: s.section("kubernetes", p).and_then(|mut k| {
-                let path = k.required_string("kubeconfig", p).map(|f| p.resolve(&f));
-                k.finish(p);
-                path
-            }),
+            register_nodes: s.boolean("register_nodes", p).unwrap_or(false),
+            remove_nodes: s.boolean("remove_nodes", p).unwrap_or(true),
         };
+        if s.contains("kubernetes") {
+            s.ignore("kubernetes");
+            p.push(
+                s.key_path("kubernetes"),
+                "the Kubernetes API is now set once for everything in the top-level [kubernetes] table \
+                 (kubeconfig = \"...\"); write register_nodes = true here",
+            );
+        }
         if !(0.0..=1.0).contains(&settings.fail_rate) {
             p.push(s.key_path("fail_rate"), "must be between 0 and 1");
         }

@@ -38,6 +38,9 @@ level = "info,flotilla=debug"
 refresh_timeout = "3s"
 max_staleness = "60s"
 reconcile_interval = "5s"
+
+[kubernetes]
+kubeconfig = "$RUN_DIR/pki/admin.kubeconfig"
 EOF
 	if [[ $tls == tls ]]; then
 		cat >>"$SDIR/flotilla.toml" <<EOF
@@ -60,10 +63,8 @@ boot_time = "2s"
 create_latency = "300ms"
 delete_latency = "100ms"
 state_file = "$SDIR/$1-state.json"
+register_nodes = true
 ${2:-}
-
-[clouds.$1.kubernetes]
-kubeconfig = "$RUN_DIR/pki/admin.kubeconfig"
 EOF
 }
 

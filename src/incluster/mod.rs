@@ -1,0 +1,1 @@
+//! Running beside a cluster: leader election, Node cleanup and the priority expander's ConfigMap.
