@@ -25,6 +25,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print cluster-autoscaler's priority-expander ConfigMap for the groups' `priority`
+    /// (what `[priority_expander]` applies), e.g. to commit it to a GitOps repository.
+    PriorityConfigmap {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// cluster-autoscaler's namespace (default: `[priority_expander] namespace`, else kube-system).
+        #[arg(long)]
+        namespace: Option<String>,
+    },
     /// Call one RPC of a running server by hand.
     Ctl {
         #[command(flatten)]
@@ -99,6 +108,19 @@ async fn main() -> ExitCode {
         Command::CheckConfig { config } => match flotilla::load(Some(&config)) {
             Ok((c, _)) => {
                 println!("{}: ok ({} clouds, {} node groups)", c.source, c.clouds.len(), c.groups.len());
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                eprint!("{problems}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::PriorityConfigmap { config, namespace } => match flotilla::load(Some(&config)) {
+            Ok((c, _)) => {
+                let namespace = namespace
+                    .or_else(|| c.priority_expander.as_ref().map(|p| p.namespace.clone()))
+                    .unwrap_or_else(|| "kube-system".to_owned());
+                print!("{}", flotilla::incluster::priorities::config_map_yaml(&c, &namespace));
                 ExitCode::SUCCESS
             }
             Err(problems) => {

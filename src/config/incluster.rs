@@ -107,7 +107,10 @@ pub(super) fn parse_leader_election(
     c
 }
 
-pub(super) fn parse_priority_expander(section: Option<Section<'_>>, p: &mut Problems) -> Option<PriorityExpanderConfig> {
+pub(super) fn parse_priority_expander(
+    section: Option<Section<'_>>,
+    p: &mut Problems,
+) -> Option<PriorityExpanderConfig> {
     let mut s = section?;
     let namespace = s.string("namespace", p).unwrap_or_else(|| "kube-system".into());
     if !super::is_dns_label_of(&namespace, 63) {

@@ -244,7 +244,10 @@ impl Client {
     pub async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
         let namespace = lease.metadata.namespace.as_deref().unwrap_or("default");
         let path = Client::lease_path(namespace, Some(&lease.metadata.name));
-        debug_assert!(lease.metadata.resource_version.is_some(), "a lease update needs the resourceVersion it was read at");
+        debug_assert!(
+            lease.metadata.resource_version.is_some(),
+            "a lease update needs the resourceVersion it was read at"
+        );
         let (status, body) = self.send(Method::PUT, &path, json_body(lease)).await?;
         match status {
             StatusCode::OK => Client::decode(&path, &body),

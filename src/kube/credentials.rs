@@ -257,7 +257,8 @@ impl Credentials {
         };
         // An IPv6 service address needs brackets in a URL.
         let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
-        let port: u16 = port.parse().map_err(|_| Error::Credentials(format!("KUBERNETES_SERVICE_PORT {port:?} is not a port")))?;
+        let port: u16 =
+            port.parse().map_err(|_| Error::Credentials(format!("KUBERNETES_SERVICE_PORT {port:?} is not a port")))?;
         let ca = read(&dir.join("ca.crt"))?;
         let token_path = dir.join("token");
         // Read once now, so a missing token is reported at start rather than at first use.

@@ -38,7 +38,9 @@ use credentials::{Credentials, TokenSource};
 /// What can go wrong talking to the Kubernetes API.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no kubernetes api configured: set [kubernetes] kubeconfig, or run in a pod (KUBERNETES_SERVICE_HOST is unset)")]
+    #[error(
+        "no kubernetes api configured: set [kubernetes] kubeconfig, or run in a pod (KUBERNETES_SERVICE_HOST is unset)"
+    )]
     NoCluster,
     #[error("cannot read {path}: {source}")]
     Read {

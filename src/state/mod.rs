@@ -19,16 +19,16 @@
 //! anything newer than its own start.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::Duration,
 };
 
 use tokio::{
-    sync::{OnceCell, Semaphore},
+    sync::{Notify, OnceCell, Semaphore, mpsc},
     time::Instant,
 };
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -76,6 +76,9 @@ pub enum Error {
         #[source]
         source: driver::Error,
     },
+    /// Leader election is on and this replica does not hold the Lease.
+    #[error("this replica is not the leader{}", leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_default())]
+    NotLeader { leader: Option<String> },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -131,6 +134,10 @@ struct GroupState {
     entries: BTreeMap<String, Entry>,
     /// provider id -> when its delete finished.
     tombstones: HashMap<String, Instant>,
+    /// Machines whose delete returned but that the cloud has not yet shown gone (clouds with
+    /// `node_cleanup` only): machine name -> (provider id, when the delete returned). A listing
+    /// started after that which no longer has the machine confirms it gone.
+    awaiting_gone: HashMap<String, (String, Instant)>,
 }
 
 impl GroupState {
@@ -214,6 +221,17 @@ pub struct PhaseCounts {
     pub failed: usize,
 }
 
+/// A machine the cloud has confirmed gone, whose Node (if any) should go too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeGone {
+    pub cloud: String,
+    pub group: String,
+    /// The machine's name (usually its Node's name, which is tried first).
+    pub name: String,
+    /// The Node to delete is the one whose `spec.providerID` is exactly this.
+    pub provider_id: String,
+}
+
 /// All groups on all clouds.
 #[derive(Debug)]
 pub struct Fleet {
@@ -226,6 +244,17 @@ pub struct Fleet {
     group_index: HashMap<String, usize>,
     inner: RwLock<Inner>,
     tasks: TaskTracker,
+    /// The current term: cancelled while this replica may not act (leader election on and the
+    /// Lease held by another). Written by [`Fleet::begin_term`] and [`Fleet::end_term`] (the
+    /// elector); read by every operation that records intent, and captured by every background
+    /// task, which stops at once when its term ends.
+    term: Mutex<CancellationToken>,
+    /// Who holds the Lease, when it is not us (for messages).
+    leader: Mutex<Option<String>>,
+    /// Wakes the reconciler when a term begins, so the new leader lists the clouds at once.
+    wake: Notify,
+    /// Where machines confirmed gone are announced, for Node cleanup (set once at start).
+    node_cleanup: OnceLock<mpsc::UnboundedSender<NodeGone>>,
 }
 
 impl Fleet {
@@ -256,6 +285,11 @@ impl Fleet {
         }
         let group_index = groups.iter().enumerate().map(|(i, g)| (g.config.name.clone(), i)).collect();
         let inner = Inner { groups: groups.iter().map(|_| GroupState::default()).collect(), index: HashMap::new() };
+        let term = CancellationToken::new();
+        if config.leader_election.enabled {
+            // A follower until the elector wins the Lease.
+            term.cancel();
+        }
         Arc::new(Fleet {
             cluster: config.cluster_name.clone(),
             state_config: config.state.clone(),
@@ -265,7 +299,115 @@ impl Fleet {
             group_index,
             inner: RwLock::new(inner),
             tasks: TaskTracker::new(),
+            term: Mutex::new(term),
+            leader: Mutex::new(None),
+            wake: Notify::new(),
+            node_cleanup: OnceLock::new(),
         })
+    }
+
+    // === leadership ===
+
+    /// The current term's token (cancelled when this replica may not act).
+    fn term(&self) -> CancellationToken {
+        self.term.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// True while this replica may act: always with leader election off, else while it holds
+    /// the Lease.
+    pub fn leading(&self) -> bool {
+        !self.term().is_cancelled()
+    }
+
+    /// The leader's identity as last seen, when it is not us.
+    pub fn leader(&self) -> Option<String> {
+        self.leader.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// An error for a call this replica must not serve, or `Ok` while it leads.
+    pub fn check_leading(&self) -> Result<()> {
+        if self.leading() { Ok(()) } else { Err(Error::NotLeader { leader: self.leader() }) }
+    }
+
+    /// Records who leads, while this replica follows.
+    pub fn set_leader(&self, leader: Option<String>) {
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = leader;
+    }
+
+    /// This replica now holds the Lease: start from nothing and list every cloud at once, so
+    /// the state is rebuilt from the clouds (where it lives), not from a previous term.
+    pub fn begin_term(&self) {
+        {
+            let mut term = self.term.lock().unwrap_or_else(|e| e.into_inner());
+            if !term.is_cancelled() {
+                return;
+            }
+            self.clear();
+            *term = CancellationToken::new();
+        }
+        self.set_leader(None);
+        info!("leading: rebuilding state from the clouds");
+        self.wake.notify_one();
+    }
+
+    /// This replica lost the Lease (or is stopping): every task of the term stops at once and
+    /// the state is dropped, so nothing acts on a picture another replica now owns.
+    pub fn end_term(&self) {
+        let term = self.term();
+        if term.is_cancelled() {
+            return;
+        }
+        // Cancelled before the state is cleared: a task that wakes after this sees its term
+        // over under the lock and writes nothing.
+        term.cancel();
+        self.clear();
+        warn!("no longer leading: stopped every create, delete and listing in flight");
+    }
+
+    fn clear(&self) {
+        let mut inner = self.write();
+        for g in &mut inner.groups {
+            *g = GroupState::default();
+        }
+        inner.index.clear();
+        drop(inner);
+        for c in &self.clouds {
+            *c.health.lock().unwrap_or_else(|e| e.into_inner()) = CloudHealth::default();
+        }
+    }
+
+    /// Spawns a background task of the current term (`term`), which ends it when cancelled.
+    fn spawn_in_term<F>(&self, term: &CancellationToken, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let term = term.clone();
+        self.tasks.spawn(async move {
+            term.run_until_cancelled(work).await;
+        });
+    }
+
+    // === node cleanup ===
+
+    /// Announces machines confirmed gone on clouds with `node_cleanup` to `sender`.
+    pub fn set_node_cleanup(&self, sender: mpsc::UnboundedSender<NodeGone>) {
+        let _ = self.node_cleanup.set(sender);
+    }
+
+    fn node_gone(&self, g: usize, name: &str, provider_id: String) {
+        let group = &self.groups[g];
+        let cloud = &self.clouds[group.cloud];
+        if !cloud.config.node_cleanup {
+            return;
+        }
+        if let Some(sender) = self.node_cleanup.get() {
+            let _ = sender.send(NodeGone {
+                cloud: cloud.config.name.clone(),
+                group: group.config.name.clone(),
+                name: name.to_owned(),
+                provider_id,
+            });
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -369,6 +511,10 @@ impl Fleet {
             return Err(Error::NonPositiveDelta { delta });
         }
         let mut inner = self.write();
+        let term = self.term();
+        if term.is_cancelled() {
+            return Err(Error::NotLeader { leader: self.leader() });
+        }
         let current = inner.groups[g].target();
         // i64: current + delta can never overflow, whatever CA sends.
         if current as i64 + i64::from(delta) > i64::from(group.max_size) {
@@ -395,17 +541,21 @@ impl Fleet {
         info!(group = %group.name, delta, from = current, "scaling up");
         for name in names {
             let fleet = Arc::clone(self);
-            self.tasks.spawn(async move { fleet.create_one(g, name).await });
+            let task_term = term.clone();
+            self.spawn_in_term(&term, async move { fleet.create_one(g, name, task_term).await });
         }
         Ok(())
     }
 
-    async fn create_one(self: Arc<Self>, g: usize, name: String) {
+    async fn create_one(self: Arc<Self>, g: usize, name: String, term: CancellationToken) {
         let group = &self.groups[g];
         let cloud = &self.clouds[group.cloud];
         let Ok(_permit) = Arc::clone(&cloud.creates).acquire_owned().await else { return };
         {
             let mut inner = self.write();
+            if term.is_cancelled() {
+                return;
+            }
             let Some(entry) = inner.groups[g].entries.get_mut(&name) else { return };
             if entry.delete_requested {
                 // Cancelled before it started: nothing to create.
@@ -426,6 +576,10 @@ impl Fleet {
                 ))),
             };
         let mut inner = self.write();
+        if term.is_cancelled() {
+            // The term ended while the cloud worked: the next leader finds the machine by its marks.
+            return;
+        }
         let now = Instant::now();
         match result {
             Ok(machine) => {
@@ -434,7 +588,7 @@ impl Fleet {
                     // Nobody wants it any more (cannot normally happen: deletes of in-flight
                     // creates only mark them). Never leak it.
                     drop(inner);
-                    self.spawn_delete(g, MachineRef::from(&machine), provider_id);
+                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, &term);
                     return;
                 };
                 entry.cloud_id = Some(machine.id.clone());
@@ -456,7 +610,7 @@ impl Fleet {
                 drop(inner);
                 info!(group = %group.config.name, %name, %provider_id, "machine created");
                 if delete {
-                    self.spawn_delete(g, MachineRef::from(&machine), provider_id);
+                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, &term);
                 }
             }
             Err(e) => {
@@ -479,6 +633,10 @@ impl Fleet {
     pub fn delete_nodes(self: &Arc<Self>, g: usize, provider_ids: &[&str]) -> Result<()> {
         let group = &self.groups[g].config;
         let mut inner = self.write();
+        let term = self.term();
+        if term.is_cancelled() {
+            return Err(Error::NotLeader { leader: self.leader() });
+        }
         let mut names: Vec<String> = Vec::with_capacity(provider_ids.len());
         let mut foreign = Vec::new();
         for &pid in provider_ids {
@@ -537,17 +695,18 @@ impl Fleet {
         drop(inner);
         info!(group = %group.name, count = provider_ids.len(), "deleting nodes");
         for (machine, provider_id) in to_delete {
-            self.spawn_delete(g, machine, provider_id);
+            self.spawn_delete(g, machine, provider_id, &term);
         }
         Ok(())
     }
 
-    fn spawn_delete(self: &Arc<Self>, g: usize, machine: MachineRef, provider_id: String) {
+    fn spawn_delete(self: &Arc<Self>, g: usize, machine: MachineRef, provider_id: String, term: &CancellationToken) {
         let fleet = Arc::clone(self);
-        self.tasks.spawn(async move { fleet.delete_one(g, machine, provider_id).await });
+        let task_term = term.clone();
+        self.spawn_in_term(term, async move { fleet.delete_one(g, machine, provider_id, task_term).await });
     }
 
-    async fn delete_one(self: Arc<Self>, g: usize, machine: MachineRef, provider_id: String) {
+    async fn delete_one(self: Arc<Self>, g: usize, machine: MachineRef, provider_id: String, term: CancellationToken) {
         let cloud = &self.clouds[self.groups[g].cloud];
         let Ok(_permit) = Arc::clone(&cloud.deletes).acquire_owned().await else { return };
         let result = match tokio::time::timeout(cloud.config.delete_timeout, cloud.driver.delete(&machine)).await {
@@ -557,11 +716,26 @@ impl Fleet {
             }
         };
         let mut inner = self.write();
+        if term.is_cancelled() {
+            return;
+        }
         match result {
-            Ok(()) | Err(driver::Error::NotFound(_)) => {
+            Ok(()) => {
                 info!(group = %machine.group, name = %machine.name, %provider_id, "machine deleted");
                 inner.remove(g, &machine.name);
-                inner.groups[g].tombstones.insert(provider_id, Instant::now());
+                let now = Instant::now();
+                if cloud.config.node_cleanup {
+                    // Its Node goes once a listing confirms the machine gone.
+                    inner.groups[g].awaiting_gone.insert(machine.name.clone(), (provider_id.clone(), now));
+                }
+                inner.groups[g].tombstones.insert(provider_id, now);
+            }
+            Err(driver::Error::NotFound(_)) => {
+                info!(group = %machine.group, name = %machine.name, %provider_id, "machine already gone");
+                inner.remove(g, &machine.name);
+                inner.groups[g].tombstones.insert(provider_id.clone(), Instant::now());
+                drop(inner);
+                self.node_gone(g, &machine.name, provider_id);
             }
             Err(e) => {
                 // Stays Deleting; the next reconcile retries.
@@ -580,6 +754,9 @@ impl Fleet {
             return Err(Error::NonNegativeDelta { delta });
         }
         let mut inner = self.write();
+        if self.term().is_cancelled() {
+            return Err(Error::NotLeader { leader: self.leader() });
+        }
         let state = &inner.groups[g];
         // Cheapest first: queued, then failed, then creates still waiting for the cloud.
         let rank = |e: &Entry| match e.phase {
@@ -619,6 +796,7 @@ impl Fleet {
     /// is fresh enough to act on. Waits at most `refresh_timeout`; slower listings finish in the
     /// background.
     pub async fn refresh(self: &Arc<Self>) -> Result<()> {
+        self.check_leading()?;
         let requested_at = Instant::now();
         let mut handles = Vec::with_capacity(self.clouds.len());
         for c in 0..self.clouds.len() {
@@ -649,14 +827,21 @@ impl Fleet {
 
     /// True once every cloud has been listed and its newest listing succeeded.
     pub fn ready(&self) -> bool {
-        self.clouds.iter().all(|c| {
-            let h = c.health.lock().unwrap_or_else(|e| e.into_inner());
-            h.last_ok.is_some() && h.healthy
-        })
+        self.leading()
+            && self.clouds.iter().all(|c| {
+                let h = c.health.lock().unwrap_or_else(|e| e.into_inner());
+                h.last_ok.is_some() && h.healthy
+            })
     }
 
     /// Why the fleet is not ready, one line per cloud with a problem.
     pub fn readiness_problems(&self) -> Vec<String> {
+        if !self.leading() {
+            return vec![match self.leader() {
+                Some(l) => format!("following: the leader is {l}"),
+                None => "following: waiting for the leader lease".to_owned(),
+            }];
+        }
         self.clouds
             .iter()
             .filter_map(|c| {
@@ -673,6 +858,10 @@ impl Fleet {
     /// Lists cloud `c` unless a listing started after `requested_at` already succeeded.
     pub async fn refresh_cloud(self: &Arc<Self>, c: usize, requested_at: Instant) {
         let cloud = &self.clouds[c];
+        let term = self.term();
+        if term.is_cancelled() {
+            return;
+        }
         let _listing = cloud.listing.lock().await;
         {
             let h = cloud.health.lock().unwrap_or_else(|e| e.into_inner());
@@ -687,6 +876,10 @@ impl Fleet {
                 Err(driver::Error::Timeout(format!("listing took longer than {:?}", self.state_config.max_staleness)))
             }
         };
+        if term.is_cancelled() {
+            // Taken for a term that is over; the state it would update was dropped.
+            return;
+        }
         match result {
             Ok(machines) => {
                 self.reconcile_cloud(c, machines, started);
@@ -720,12 +913,28 @@ impl Fleet {
             }
         }
         let mut retry_deletes = Vec::new();
+        let mut gone = Vec::new();
+        let term = self.term();
         let mut inner = self.write();
         let Inner { groups, index } = &mut *inner;
         for &g in &cloud.groups {
             let listed = by_group.remove(&g).unwrap_or_default();
             let state = &mut groups[g];
             state.tombstones.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
+            if !state.awaiting_gone.is_empty() {
+                let names: HashSet<&str> = listed.iter().map(|m| m.name.as_str()).collect();
+                state.awaiting_gone.retain(|name, (provider_id, deleted_at)| {
+                    if *deleted_at < started && !names.contains(name.as_str()) {
+                        gone.push((g, name.clone(), provider_id.clone()));
+                        false
+                    } else if deleted_at.elapsed() > TOMBSTONE_TTL {
+                        warn!(%name, %provider_id, "the cloud still lists a deleted machine; giving up on its node cleanup");
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
             let mut old = std::mem::take(&mut state.entries);
             for e in old.values() {
                 index.remove(&e.provider_id);
@@ -784,9 +993,15 @@ impl Fleet {
             state.entries = fresh;
         }
         drop(inner);
+        for (g, name, provider_id) in gone {
+            self.node_gone(g, &name, provider_id);
+        }
+        if term.is_cancelled() {
+            return;
+        }
         for (machine, provider_id) in retry_deletes {
             let g = self.group_index[&machine.group];
-            self.spawn_delete(g, machine, provider_id);
+            self.spawn_delete(g, machine, provider_id, &term);
         }
     }
 
@@ -797,6 +1012,16 @@ impl Fleet {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                // A new term lists at once (the tick below would skip a fresh listing anyway).
+                () = self.wake.notified() => {
+                    let requested_at = Instant::now();
+                    let mut handles = Vec::new();
+                    for c in 0..self.clouds.len() {
+                        let fleet = Arc::clone(&self);
+                        handles.push(tokio::spawn(async move { fleet.refresh_cloud(c, requested_at).await }));
+                    }
+                    futures_join_all(handles).await;
+                }
                 _ = tick.tick() => {
                     // A listing newer than one interval is fresh enough to skip.
                     let requested_at = Instant::now().checked_sub(self.state_config.reconcile_interval).unwrap_or_else(Instant::now);

@@ -64,6 +64,7 @@ pub struct Metrics {
     driver_errors: Family<DriverErrorLabels, Counter>,
     instances: Family<InstanceLabels, Gauge>,
     ready: Gauge,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -83,6 +84,7 @@ impl Metrics {
         let driver_errors = Family::<DriverErrorLabels, Counter>::default();
         let instances = Family::<InstanceLabels, Gauge>::default();
         let ready = Gauge::default();
+        let leader = Gauge::default();
         registry.register("grpc_requests", "gRPC requests served, by method and status code", rpc_requests.clone());
         registry.register(
             "grpc_request_duration_seconds",
@@ -106,6 +108,11 @@ impl Metrics {
             "1 when every cloud has been listed and its newest listing succeeded",
             ready.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this replica may act: always with leader election off, else while it holds the Lease",
+            leader.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             rpc_requests,
@@ -115,6 +122,7 @@ impl Metrics {
             driver_errors,
             instances,
             ready,
+            leader,
         }
     }
 
@@ -160,6 +168,7 @@ impl Metrics {
             }
         }
         self.ready.set(i64::from(fleet.ready()));
+        self.leader.set(i64::from(fleet.leading()));
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String cannot fail");

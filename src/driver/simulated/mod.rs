@@ -182,6 +182,13 @@ impl Simulated {
         self.persist(&store);
     }
 
+    /// Removes a machine behind Flotilla's back (deleted by hand, or lost by the cloud).
+    pub fn vanish(&self, name: &str) {
+        let mut store = lock(&self.store);
+        store.machines.remove(name);
+        self.persist(&store);
+    }
+
     /// The most creates that were ever running at once.
     pub fn peak_concurrent_creates(&self) -> usize {
         lock(&self.concurrency).1

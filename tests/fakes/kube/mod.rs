@@ -210,7 +210,10 @@ impl Fake {
         let base = format!("{scheme}://{}", listener.local_addr().unwrap());
         let inner = Arc::new(Mutex::new(Inner {
             base: base.clone(),
-            tokens: token.map(|t| (t.to_owned(), "system:serviceaccount:kube-system:flotilla".to_owned())).into_iter().collect(),
+            tokens: token
+                .map(|t| (t.to_owned(), "system:serviceaccount:kube-system:flotilla".to_owned()))
+                .into_iter()
+                .collect(),
             tls_user: None,
             grants: BTreeMap::new(),
             outage: false,
@@ -418,7 +421,13 @@ fn verb(method: &Method, named: bool) -> &'static str {
     }
 }
 
-async fn handle(State(inner): State<Arc<Mutex<Inner>>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let (response, hold) = {
         let mut i = inner.lock().unwrap_or_else(|e| e.into_inner());
         respond(&mut i, &method, &uri, &headers, &body)
@@ -429,7 +438,13 @@ async fn handle(State(inner): State<Arc<Mutex<Inner>>>, method: Method, uri: Uri
     response
 }
 
-fn respond(i: &mut Inner, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8]) -> (Response, Option<Duration>) {
+fn respond(
+    i: &mut Inner,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> (Response, Option<Duration>) {
     let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let bearer = headers
         .get("authorization")
@@ -523,8 +538,7 @@ fn respond(i: &mut Inner, method: &Method, uri: &Uri, headers: &HeaderMap, body:
         }
     }
 
-    let needs_json = matches!(*method, Method::POST | Method::PUT)
-        || (*method == Method::DELETE && !body.is_empty());
+    let needs_json = matches!(*method, Method::POST | Method::PUT) || (*method == Method::DELETE && !body.is_empty());
     if needs_json && content_type.as_deref() != Some("application/json") {
         i.problem(format!("{method} {uri_text}: content type {content_type:?}, expected application/json"));
         return (status(415, "UnsupportedMediaType", "unsupported media type", None), hold);
@@ -542,17 +556,13 @@ fn respond(i: &mut Inner, method: &Method, uri: &Uri, headers: &HeaderMap, body:
         },
         ("nodes", Method::POST, None) => create_node(i, parsed),
         ("nodes", Method::DELETE, Some(n)) => delete_node(i, &n, &parsed, &uri_text),
-        ("leases", Method::GET, Some(n)) => {
-            match i.leases.get(&(namespace.clone().unwrap_or_default(), n.clone())) {
-                Some(s) => ok(StatusCode::OK, &s.object),
-                None => not_found(LEASES, &n),
-            }
-        }
+        ("leases", Method::GET, Some(n)) => match i.leases.get(&(namespace.clone().unwrap_or_default(), n.clone())) {
+            Some(s) => ok(StatusCode::OK, &s.object),
+            None => not_found(LEASES, &n),
+        },
         ("leases", Method::POST, None) => create_lease(i, namespace.unwrap_or_default(), parsed, &uri_text),
         ("leases", Method::PUT, Some(n)) => update_lease(i, namespace.unwrap_or_default(), n, parsed, &uri_text),
-        ("configmaps", Method::PATCH, Some(n)) => {
-            apply_config_map(i, namespace.unwrap_or_default(), n, &request, body)
-        }
+        ("configmaps", Method::PATCH, Some(n)) => apply_config_map(i, namespace.unwrap_or_default(), n, &request, body),
         _ => {
             i.problem(format!("{method} {uri_text}: a verb Flotilla has no business using here"));
             status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource", None)
@@ -662,9 +672,9 @@ fn check_lease_body(i: &mut Inner, lease: &Value, namespace: &str, name: Option<
     let spec = &lease["spec"];
     let bad_duration = spec["leaseDurationSeconds"].as_i64().is_some_and(|d| d <= 0);
     let bad_transitions = spec["leaseTransitions"].as_i64().is_some_and(|t| t < 0);
-    let bad_time = ["acquireTime", "renewTime"].iter().any(|k| {
-        spec[*k].as_str().is_some_and(|t| humantime::parse_rfc3339(t).is_err() || !t.contains('.'))
-    });
+    let bad_time = ["acquireTime", "renewTime"]
+        .iter()
+        .any(|k| spec[*k].as_str().is_some_and(|t| humantime::parse_rfc3339(t).is_err() || !t.contains('.')));
     if bad_duration || bad_transitions || bad_time || !is_dns_subdomain(body_name) {
         i.problem(format!("{uri}: invalid Lease {lease}"));
         return Some(status(422, "Invalid", format!("Lease.coordination.k8s.io \"{body_name}\" is invalid"), None));
@@ -765,9 +775,7 @@ fn apply_config_map(i: &mut Inner, namespace: String, name: String, request: &Re
     };
     let conflicts: Vec<String> = data
         .iter()
-        .filter(|(k, v)| {
-            owners.get(*k).is_some_and(|m| *m != manager) && object["data"][k.as_str()] != **v
-        })
+        .filter(|(k, v)| owners.get(*k).is_some_and(|m| *m != manager) && object["data"][k.as_str()] != **v)
         .map(|(k, _)| format!(".data.{k} (owned by {})", owners[k]))
         .collect();
     if !conflicts.is_empty() && !force {
