@@ -3,7 +3,9 @@
 //! benchmarks, and a way to try cluster-autoscaler settings without a cloud.
 //!
 //! With `state_file` set, machines are kept in a JSON file and outlive the Flotilla process,
-//! just as a real cloud's do, so a restart finds them again.
+//! just as a real cloud's do, so a restart finds them again. The file is read again before
+//! every call, so several Flotilla processes on one file see one cloud (as the replicas of a
+//! leader-elected Deployment see one real cloud).
 //!
 //! Keys of `[clouds.NAME]` (besides the generic ones):
 //! `create_latency`, `delete_latency`, `list_latency` (durations, default 0), `boot_time`
@@ -169,7 +171,7 @@ impl Simulated {
 
     /// Adds a machine as if someone else created it (e.g. another cluster, or by hand).
     pub fn insert_foreign(&self, cluster: &str, group: &str, name: &str) {
-        let mut store = lock(&self.store);
+        let mut store = self.current();
         store.machines.insert(
             name.to_owned(),
             Record {
@@ -184,7 +186,7 @@ impl Simulated {
 
     /// Removes a machine behind Flotilla's back (deleted by hand, or lost by the cloud).
     pub fn vanish(&self, name: &str) {
-        let mut store = lock(&self.store);
+        let mut store = self.current();
         store.machines.remove(name);
         self.persist(&store);
     }
@@ -196,13 +198,31 @@ impl Simulated {
 
     /// Names of every machine in the simulated cloud, any cluster.
     pub fn machine_names(&self) -> Vec<String> {
-        lock(&self.store).machines.keys().cloned().collect()
+        self.current().machines.keys().cloned().collect()
+    }
+
+    /// The store, read again from `state_file` if there is one (another process may have
+    /// changed it).
+    fn current(&self) -> std::sync::MutexGuard<'_, Store> {
+        let mut store = lock(&self.store);
+        if let Some(path) = &self.settings.state_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match serde_json::from_str(&text) {
+                    Ok(fresh) => *store = fresh,
+                    Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot parse simulated state file"),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot read simulated state file"),
+            }
+        }
+        store
     }
 
     fn persist(&self, store: &Store) {
         let Some(path) = &self.settings.state_file else { return };
         let text = serde_json::to_string_pretty(store).expect("plain data serializes");
-        let tmp = path.with_extension("tmp");
+        // Per process, so two processes writing at once never share a half-written file.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         // Written then renamed, so a crash never leaves half a file.
         if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
             tracing::error!(path = %path.display(), error = %e, "cannot write simulated state file");
@@ -260,7 +280,7 @@ impl Driver for Simulated {
         tokio::time::sleep(self.settings.list_latency).await;
         self.check_outage()?;
         let machines = {
-            let store = lock(&self.store);
+            let store = self.current();
             store.machines.values().filter(|r| r.cluster == self.cluster).map(|r| self.machine(r)).collect()
         };
         if let Some(registrar) = &self.registrar {
@@ -291,7 +311,7 @@ impl Driver for Simulated {
         if let Some(e) = self.injected_failure() {
             return Err(e);
         }
-        let mut store = lock(&self.store);
+        let mut store = self.current();
         if let Some(quota) = self.settings.quota.filter(|q| store.machines.len() >= *q) {
             return Err(Error::OutOfResources(format!(
                 "quota exceeded: {} of {quota} machines in use",
@@ -317,7 +337,7 @@ impl Driver for Simulated {
         tokio::time::sleep(self.settings.delete_latency).await;
         self.check_outage()?;
         let removed = {
-            let mut store = lock(&self.store);
+            let mut store = self.current();
             match store.machines.get(&machine.id) {
                 Some(r) if r.cluster == self.cluster && r.group == machine.group => {
                     store.machines.remove(&machine.id);
@@ -344,5 +364,24 @@ impl Driver for Simulated {
 
     async fn check(&self) -> Result<()> {
         self.check_outage()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn two_processes_on_one_state_file_see_one_cloud() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings { state_file: Some(dir.path().join("state.json")), ..Default::default() };
+        let a = Simulated::new("c", settings.clone()).unwrap();
+        let b = Simulated::new("c", settings).unwrap();
+        a.create("g", "m1").await.unwrap();
+        assert_eq!(b.list().await.unwrap().len(), 1, "b sees what a created");
+        b.delete(&MachineRef { group: "g".into(), name: "m1".into(), id: "m1".into() }).await.unwrap();
+        b.create("g", "m2").await.unwrap();
+        let names: Vec<_> = a.list().await.unwrap().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["m2"], "a sees what b deleted and created");
     }
 }
