@@ -104,14 +104,13 @@ impl Api {
     }
 
     /// The VMs of host group `hg` carrying tag `tag` (the daemon filters; older ones ignore the
-    /// filter, so callers check tags themselves).
-    pub async fn nodes(&self, hg: &str, tag: &str) -> Result<Vec<Node>, http::Error> {
-        self.request(reqwest::Method::GET, &format!("/hostgroup/{hg}/nodes"))
-            .query(&[("tag", tag)])
-            .idempotent()
-            .send()
-            .await?
-            .json()
+    /// filter, so callers check tags themselves). `retry: false` for the listing of a Refresh,
+    /// which the core repeats on its next loop anyway.
+    pub async fn nodes(&self, hg: &str, tag: &str, retry: bool) -> Result<Vec<Node>, http::Error> {
+        let request =
+            self.request(reqwest::Method::GET, &format!("/hostgroup/{hg}/nodes")).query(&[("tag", tag)]).idempotent();
+        let request = if retry { request } else { request.retry(http::Retry::NONE) };
+        request.send().await?.json()
     }
 
     /// Launches one VM. Never retried: a repeat would launch a second VM.

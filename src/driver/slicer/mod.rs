@@ -196,7 +196,11 @@ impl Slicer {
 
     /// The VM a create made for machine `name`, if the daemon has one.
     async fn find_by_name(&self, g: &GroupSettings, group: &str, name: &str) -> Result<Option<Machine>> {
-        let nodes = self.api.nodes(&g.host_group, &format!("{TAG_NAME}={name}")).await.map_err(|e| self.api.classify(&e))?;
+        let nodes = self
+            .api
+            .nodes(&g.host_group, &format!("{TAG_NAME}={name}"), true)
+            .await
+            .map_err(|e| self.api.classify(&e))?;
         Ok(nodes
             .into_iter()
             .filter_map(|n| self.machine_of(&g.host_group, n))
@@ -227,7 +231,7 @@ impl Driver for Slicer {
         let tag = self.cluster_tag();
         let mut machines = Vec::new();
         for hg in host_groups {
-            let nodes = self.api.nodes(hg, &tag).await.map_err(|e| self.api.classify(&e))?;
+            let nodes = self.api.nodes(hg, &tag, false).await.map_err(|e| self.api.classify(&e))?;
             machines.extend(nodes.into_iter().filter_map(|n| self.machine_of(hg, n)));
         }
         Ok(machines)
@@ -275,7 +279,8 @@ impl Driver for Slicer {
 
     async fn delete(&self, machine: &MachineRef) -> Result<()> {
         let g = self.group(&machine.group)?;
-        let nodes = self.api.nodes(&g.host_group, &self.cluster_tag()).await.map_err(|e| self.api.classify(&e))?;
+        let nodes =
+            self.api.nodes(&g.host_group, &self.cluster_tag(), true).await.map_err(|e| self.api.classify(&e))?;
         let Some(node) = nodes.into_iter().find(|n| n.hostname == machine.id) else {
             return Err(Error::NotFound(format!("VM {} is not in host group {}", machine.id, g.host_group)));
         };

@@ -121,7 +121,9 @@ impl CloudSettings {
         if !is_secret_name(&token_secret) {
             p.push(
                 s.key_path("token_secret"),
-                format!("{token_secret:?} is not a secret name (letters, digits, '-', '_', '.'; not starting with '.')"),
+                format!(
+                    "{token_secret:?} is not a secret name (letters, digits, '-', '_', '.'; not starting with '.')"
+                ),
             );
         }
         let mut capacity_errors: Vec<String> = CAPACITY_PHRASES.iter().map(|c| (*c).to_owned()).collect();

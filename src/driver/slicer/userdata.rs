@@ -283,7 +283,8 @@ mod tests {
 
     #[test]
     fn kubelet_label_rules_follow_node_restriction() {
-        for ok in ["team", "slicer/hostgroup", "node.kubernetes.io/pool", "x.kubelet.kubernetes.io/a", "kubernetes.io/arch"]
+        for ok in
+            ["team", "slicer/hostgroup", "node.kubernetes.io/pool", "x.kubelet.kubernetes.io/a", "kubernetes.io/arch"]
         {
             assert!(kubelet_may_set(ok), "{ok}");
         }
