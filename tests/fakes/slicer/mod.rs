@@ -116,8 +116,9 @@ pub struct Faults {
     pub lose_next_create: bool,
     /// The next create fails with this status and message, making nothing.
     pub fail_next_create: Option<(u16, String)>,
-    /// The next delete fails with this status and message, deleting nothing.
-    pub fail_next_delete: Option<(u16, String)>,
+    /// This many deletes fail with 500 and `delete_error`, deleting nothing.
+    pub fail_deletes: u32,
+    pub delete_error: String,
     /// The answer to a create on a full host group.
     pub full_status: u16,
     pub full_message: String,
@@ -137,7 +138,8 @@ impl Default for Faults {
             delete_delay: Duration::ZERO,
             lose_next_create: false,
             fail_next_create: None,
-            fail_next_delete: None,
+            fail_deletes: 0,
+            delete_error: "failed to stop VM: firecracker API socket not responding".into(),
             full_status: 500,
             full_message: "unable to allocate an IP address: no free addresses left in the host group's range".into(),
             create_status: 200,
@@ -173,7 +175,11 @@ impl State {
             .iter()
             .map(|r| {
                 let q: Vec<String> = r.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                if q.is_empty() { format!("{} {}", r.method, r.path) } else { format!("{} {}?{}", r.method, r.path, q.join("&")) }
+                if q.is_empty() {
+                    format!("{} {}", r.method, r.path)
+                } else {
+                    format!("{} {}?{}", r.method, r.path, q.join("&"))
+                }
             })
             .collect()
     }
@@ -398,27 +404,76 @@ fn check_keys(body: &Value, keys: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
+/// What the handler does after the state is updated: answer, or wait first.
+enum Step {
+    Reply(Response<Body>),
+    /// A create the daemon accepted: answer after `delay` (or, if `lost`, a proxy's 504).
+    Created {
+        delay: Duration,
+        lost: bool,
+        status: u16,
+        answer: Value,
+    },
+    /// A delete under way: the VM goes after `delay`, then the answer.
+    Deleting {
+        delay: Duration,
+        hostname: String,
+    },
+}
+
 async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> {
     let latency = state.lock().unwrap().faults.latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
     let (parts, body) = req.into_parts();
+    let bytes = to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let step = route(&mut state.lock().unwrap(), &parts, &bytes);
+    match step {
+        Step::Reply(r) => r,
+        Step::Created { delay, lost, status, answer } => {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if lost {
+                return Response::builder()
+                    .status(StatusCode::GATEWAY_TIMEOUT)
+                    .header("Content-Type", "text/plain; charset=utf-8")
+                    .body(Body::from("Gateway Timeout"))
+                    .unwrap();
+            }
+            reply(status, answer)
+        }
+        Step::Deleting { delay, hostname } => {
+            // The daemon finishes a delete it started even if the caller goes away.
+            let finish = tokio::spawn(async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                state.lock().unwrap().vms.remove(&hostname);
+            });
+            let _ = finish.await;
+            reply(200, json!({ "message": "Node deleted", "disk_removed": "true" }))
+        }
+    }
+}
+
+/// Checks and records one request, updates the state, and answers it (or says what to wait for).
+fn route(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> Step {
+    let error = |status: u16, message: &str| Step::Reply(error(status, message));
+    let reply = |status: u16, body: Value| Step::Reply(reply(status, body));
     let method = parts.method.as_str().to_owned();
     let path = parts.uri.path().to_owned();
     let query: Vec<(String, String)> =
         parts.uri.query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
-    let bytes = to_bytes(body, 1 << 20).await.unwrap_or_default();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-
-    let mut s = state.lock().unwrap();
     let json_body: Option<Value> = if bytes.is_empty() {
         None
     } else {
         if header("content-type").as_deref() != Some("application/json") {
             s.problems.push(format!("{method} {path}: a body without Content-Type: application/json"));
         }
-        match serde_json::from_slice(&bytes) {
+        match serde_json::from_slice(bytes) {
             Ok(v) => Some(v),
             Err(e) => {
                 s.problems.push(format!("{method} {path}: body is not JSON: {e}"));
@@ -512,7 +567,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             }
             let cpus = body.get("cpus").and_then(Value::as_u64).map(|c| c as u32).unwrap_or(group.cpus);
             let ram = body.get("ram_bytes").and_then(Value::as_u64).unwrap_or(group.ram_bytes);
-            let gpus = body.get("gpu_count").and_then(Value::as_u64).map(|c| c as u32).unwrap_or(0);
+            let gpus = body.get("gpu_count").and_then(Value::as_u64).map(|c| c as u32).unwrap_or(group.gpu_count);
             if cpus > group.cpus {
                 return error(400, &format!("requested cpus ({cpus}) exceeds the host group limit of {}", group.cpus));
             }
@@ -548,28 +603,17 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
                 let (status, message) = (s.faults.full_status, s.faults.full_message.clone());
                 return error(status, &message);
             };
-            let lost = std::mem::take(&mut s.faults.lose_next_create);
-            let delay = s.faults.create_delay;
-            let status = s.faults.create_status;
-            let vm = s.vms[&hostname].clone();
-            drop(s);
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+            let vm = &s.vms[&hostname];
+            let answer = json!({
+                "hostname": vm.hostname, "hostgroup": vm.host_group, "ip": vm.ip,
+                "created_at": vm.created_at, "arch": vm.arch,
+            });
+            Step::Created {
+                delay: s.faults.create_delay,
+                lost: std::mem::take(&mut s.faults.lose_next_create),
+                status: s.faults.create_status,
+                answer,
             }
-            if lost {
-                return Response::builder()
-                    .status(StatusCode::GATEWAY_TIMEOUT)
-                    .header("Content-Type", "text/plain; charset=utf-8")
-                    .body(Body::from("Gateway Timeout"))
-                    .unwrap();
-            }
-            reply(
-                status,
-                json!({
-                    "hostname": vm.hostname, "hostgroup": vm.host_group, "ip": vm.ip,
-                    "created_at": vm.created_at, "arch": vm.arch,
-                }),
-            )
         }
         ("DELETE", ["hostgroup", hg, "nodes", hostname]) => {
             let Some(vm) = s.vms.get(*hostname).filter(|v| v.host_group == *hg).cloned() else {
@@ -578,22 +622,13 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             if vm.protected {
                 return error(403, &format!("node {hostname} is protected and cannot be deleted"));
             }
-            if let Some((status, message)) = s.faults.fail_next_delete.take() {
-                return error(status, &message);
+            if s.faults.fail_deletes > 0 {
+                s.faults.fail_deletes -= 1;
+                let message = s.faults.delete_error.clone();
+                return error(500, &message);
             }
-            let delay = s.faults.delete_delay;
             s.vms.get_mut(*hostname).unwrap().deleting = true;
-            drop(s);
-            // The daemon finishes a delete it started even if the caller goes away.
-            let hostname = (*hostname).to_owned();
-            let finish = tokio::spawn(async move {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                state.lock().unwrap().vms.remove(&hostname);
-            });
-            let _ = finish.await;
-            reply(200, json!({ "message": "Node deleted", "disk_removed": "true" }))
+            Step::Deleting { delay: s.faults.delete_delay, hostname: (*hostname).to_owned() }
         }
         ("GET", ["secrets"]) => {
             let list: Vec<Value> = s
@@ -635,7 +670,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
                 gid: body.get("gid").and_then(Value::as_u64).unwrap_or(0) as u32,
             };
             s.secrets.insert(name.into(), secret);
-            empty(201)
+            Step::Reply(empty(201))
         }
         ("PATCH", ["secrets", name]) => {
             let body = json_body.unwrap_or(Value::Null);
@@ -662,7 +697,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             if let Some(p) = body.get("permissions").and_then(Value::as_str) {
                 secret.permissions = p.into();
             }
-            empty(200)
+            Step::Reply(empty(200))
         }
         _ => {
             s.problems.push(format!("{method} {path}: no such endpoint"));
