@@ -83,6 +83,8 @@ async fn a_create_stores_the_token_once_and_launches_a_tagged_vm_whose_userdata_
         (m.id.as_str(), m.name.as_str(), &m.state),
         ("agents-2", "homelab-agents-aaaaa", &MachineState::Running)
     );
+    // The OpenAPI allows 201 as well as 200 for a create.
+    t.fake.state().faults.create_status = 201;
     let m2 = d.create("agents", "homelab-agents-bbbbb").await.unwrap();
     assert_eq!(m2.id, "agents-3");
 
