@@ -111,6 +111,33 @@ async fn a_create_stores_the_token_once_and_launches_a_tagged_vm_whose_userdata_
 }
 
 #[tokio::test]
+async fn the_machine_keys_reach_the_create_call() {
+    let t = Setup::new().await;
+    let d = t.driver(&t.toml(
+        "token_secret = \"k3s-join\"\n",
+        "cpus = 1\nram = \"1536Mi\"\npersistent = true\nssh_keys = [\"ssh-ed25519 AAAAC3 ops@example\"]\n\
+         import_user = \"ops\"\ntags = [\"team=infra\"]\nk3s_args = [\"--snapshotter=native\"]\n",
+        "",
+    ));
+    d.create("agents", "homelab-agents-aaaaa").await.unwrap();
+    let vm = t.fake.state().vms["agents-2"].clone();
+    let b = &vm.body;
+    assert_eq!((b["cpus"].as_u64(), b["ram_bytes"].as_u64()), (Some(1), Some(1536 << 20)));
+    assert_eq!(b["persistent"].as_bool(), Some(true));
+    assert_eq!(b["ssh_keys"][0], "ssh-ed25519 AAAAC3 ops@example");
+    assert_eq!(b["import_user"], "ops");
+    assert_eq!(b["secrets"][0], "k3s-join");
+    let mut expected = ours("agents", "homelab-agents-aaaaa");
+    expected.push("team=infra".into());
+    assert_eq!(vm.tags, expected);
+    assert!(vm.userdata.contains("TOKEN_FILE='/run/slicer/secrets/k3s-join'"));
+    assert!(vm.userdata.contains("  '--snapshotter=native'"), "{}", vm.userdata);
+    let (cpus, ram) = (vm.cpus, vm.ram_bytes);
+    assert_eq!((cpus, ram), (1, 1536 << 20));
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
 async fn an_existing_secret_is_kept_and_made_to_hold_the_configured_token() {
     let t = Setup::new().await;
     t.fake.state().secrets.insert(
@@ -317,12 +344,11 @@ cpus = 0
         "groups.agents.machine",
         "groups.agents.machine.template_data.name",
         "groups.agents.machine.cpus",
-        "groups.agents.template.labels.node-role.kubernetes.io/worker",
     ] {
         assert!(paths.contains(&expected), "{expected} missing from:\n{shown}");
     }
     assert!(shown.contains("allow_plain_http"), "{shown}");
-    assert!(shown.contains("NodeRestriction"), "{shown}");
+    assert!(!shown.contains("NodeRestriction"), "a template of the user's own decides what to do with labels");
 
     // allow_plain_http opts in; a bad inline template is caught by the trial render.
     let text = text
@@ -332,6 +358,17 @@ cpus = 0
     let shown = flotilla::build_drivers(&config).unwrap_err().to_string();
     assert!(!shown.contains("clouds.slicer.url"), "{shown}");
     assert!(shown.contains("unknown variables: k3s_tokn"), "{shown}");
+
+    // The default script gives the template's labels to the kubelet, which refuses this one.
+    let text = text.replace("userdata = \"{{ k3s_tokn }}\"\n", "");
+    let config = flotilla::config::Config::parse(&text, "test.toml", dir.path()).unwrap();
+    let problems = flotilla::build_drivers(&config).unwrap_err();
+    let label = problems
+        .items
+        .iter()
+        .find(|i| i.path == "groups.agents.template.labels.node-role.kubernetes.io/worker")
+        .unwrap_or_else(|| panic!("{problems}"));
+    assert!(label.message.contains("NodeRestriction"), "{}", label.message);
 }
 
 /// Runs a rendered userdata script with stand-ins for `hostname`, `curl` (whose "install

@@ -80,12 +80,8 @@ impl CloudSettings {
         if let Some(u) = &url
             && let Err(e) = http::check_url(u, allow_plain_http)
         {
-            let hint = if matches!(e, http::UrlError::PlainHttp { .. }) {
-                " (the Slicer API's token would cross the network in clear; put TLS in front of the API, or set \
-                 allow_plain_http = true on a network you trust)"
-            } else {
-                ""
-            };
+            let hint =
+                if matches!(e, http::UrlError::PlainHttp { .. }) { " (allow_plain_http = true opts in)" } else { "" };
             p.push(s.key_path("url"), format!("{e}{hint}"));
         }
         let token = s.secret("token", p);
@@ -279,8 +275,10 @@ impl GroupSettings {
             }
         }
         let template_path = format!("groups.{}.template.labels", group.name);
+        // The default script hands them to the kubelet; a template of the user's own may not.
+        let default_script = key.is_empty();
         for k in labels.keys() {
-            if !userdata::kubelet_may_set(k) {
+            if default_script && !userdata::kubelet_may_set(k) {
                 p.push(
                     format!("{template_path}.{k}"),
                     "the kubelet may not set this label on its own node (NodeRestriction), so k3s would not \
