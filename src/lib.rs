@@ -222,8 +222,12 @@ pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running
     let election_stop = CancellationToken::new();
     let elector = config.leader_election.enabled.then(|| {
         let election = &config.leader_election;
-        let namespace =
-            election.namespace.clone().or_else(|| config.kube.own_namespace()).unwrap_or_else(|| "default".to_owned());
+        let namespace = election.namespace.clone().or_else(|| config.kube.own_namespace()).unwrap_or_else(|| {
+            warn!(
+                "leader election: no namespace configured, none from the service account or kubeconfig; using default"
+            );
+            "default".to_owned()
+        });
         let identity = election.identity.clone().unwrap_or_else(incluster::leader::default_identity);
         let elector = incluster::leader::Elector::new(
             Arc::new(config.kube.clone()),

@@ -209,7 +209,7 @@ async fn without_node_cleanup_no_node_is_ever_touched() {
 
 /// What the chart's RBAC grants Flotilla for leader election and the priority expander.
 const ELECTION_RULES: &[(&str, &str)] =
-    &[("get", "leases"), ("create", "leases"), ("update", "leases"), ("patch", "configmaps")];
+    &[("get", "leases"), ("create", "leases"), ("update", "leases"), ("create", "configmaps"), ("patch", "configmaps")];
 
 fn replica_config(kubeconfig: &std::path::Path) -> String {
     format!(
@@ -374,4 +374,23 @@ async fn a_leader_cut_off_from_the_api_stops_and_the_other_takes_over_from_the_c
     assert!(nodes.iter().all(|(_, s, e)| *s == InstanceState::InstanceRunning && e.is_none()));
     a.server.stop().await.unwrap();
     b.server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_priority_configmap_needs_create_as_well_as_patch_until_it_exists() {
+    let kube = kube_fake::Fake::start("t").await;
+    kube.grant(SA, &[("patch", "configmaps")]);
+    let dir = tempfile::tempdir().unwrap();
+    let api = flotilla::kube::Client::new(flotilla::kube::Settings {
+        kubeconfig: Some(kube.kubeconfig(dir.path(), "t")),
+        timeout: None,
+    });
+    let data = std::collections::BTreeMap::from([("priorities".to_owned(), "1:\n  - ^a$\n".to_owned())]);
+    let labels = std::collections::BTreeMap::new();
+    let err = api.apply_config_map("kube-system", "cluster-autoscaler-priority-expander", &labels, &data).await;
+    assert_eq!(err.unwrap_err().code(), Some(403), "patch alone cannot create it");
+    kube.put_config_map("kube-system", "cluster-autoscaler-priority-expander", &[("priorities", "0:\n  - .*\n")]);
+    api.apply_config_map("kube-system", "cluster-autoscaler-priority-expander", &labels, &data)
+        .await
+        .expect("patch suffices once it exists");
 }

@@ -14,7 +14,9 @@
 //! * It works the same with or without Helm (the Docker, kwok and bare-metal set-ups have no
 //!   chart), and `flotilla priority-configmap --config FILE` prints the same object for GitOps
 //!   users who would rather commit it.
-//! * The chart needs only an RBAC rule: `patch` on that one ConfigMap in CA's namespace.
+//! * The chart needs only two RBAC rules in CA's namespace: `patch` on that one ConfigMap, and
+//!   `create` on ConfigMaps (a server-side apply that creates the object is authorised as a
+//!   create too, and `create` cannot be limited to a name).
 //!
 //! A group without `priority` gets priority 0 (still usable, after every prioritised group),
 //! because CA would otherwise never pick it once any group matches.

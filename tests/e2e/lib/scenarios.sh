@@ -227,7 +227,9 @@ metadata: { name: flotilla, namespace: kube-system }
 rules:
 # Leader election.
 - { apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update] }
-# The priority expander's ConfigMap (server-side apply is a patch, also when it creates).
+# The priority expander's ConfigMap: server-side apply is a patch, authorised also as a create
+# when the ConfigMap does not exist yet (and create cannot be limited to a name).
+- { apiGroups: [""], resources: [configmaps], verbs: [create] }
 - { apiGroups: [""], resources: [configmaps], resourceNames: [cluster-autoscaler-priority-expander], verbs: [patch] }
 ---
 apiVersion: rbac.authorization.k8s.io/v1

@@ -527,6 +527,29 @@ fn respond(
         );
     }
 
+    // A server-side apply that creates the object is also authorised as a create (as
+    // kube-apiserver does), and `create` cannot be limited to a name.
+    if *method == Method::PATCH
+        && kind.resource == "configmaps"
+        && let (Some(ns), Some(n)) = (&namespace, &name)
+        && !i.config_maps.contains_key(&(ns.clone(), n.clone()))
+        && let Some(rules) = i.grants.get(&user)
+        && !rules.contains(&("create".to_owned(), "configmaps".to_owned()))
+    {
+        i.problem(format!("{method} {uri_text}: {user} may not create configmaps (an apply that creates)"));
+        return (
+            status(
+                403,
+                "Forbidden",
+                format!(
+                    "configmaps \"{n}\" is forbidden: User \"{user}\" cannot create resource \"configmaps\" in API group \"\" in the namespace \"{ns}\""
+                ),
+                Some(details(CONFIG_MAPS, n)),
+            ),
+            None,
+        );
+    }
+
     // Injected faults.
     let mut hold = None;
     if let Some(pos) = i.injected.iter().position(|f| f.method == *method && path.starts_with(&f.path)) {
