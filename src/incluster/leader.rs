@@ -155,8 +155,8 @@ impl Elector {
             let lost = loop {
                 tokio::select! {
                     _ = stop.cancelled() => {
+                        self.fleet.finish_term();
                         self.release().await;
-                        self.fleet.end_term();
                         return;
                     }
                     _ = tokio::time::sleep(self.retry_period) => {}

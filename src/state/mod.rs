@@ -353,15 +353,28 @@ impl Fleet {
     /// This replica lost the Lease (or is stopping): every task of the term stops at once and
     /// the state is dropped, so nothing acts on a picture another replica now owns.
     pub fn end_term(&self) {
+        if self.cancel_term() {
+            warn!("no longer leading: stopped every create, delete and listing in flight");
+        }
+    }
+
+    /// The leader is stopping on purpose (its work in flight is done) and releases the Lease.
+    pub fn finish_term(&self) {
+        if self.cancel_term() {
+            info!("stopped leading");
+        }
+    }
+
+    fn cancel_term(&self) -> bool {
         let term = self.term();
         if term.is_cancelled() {
-            return;
+            return false;
         }
         // Cancelled before the state is cleared: a task that wakes after this sees its term
         // over under the lock and writes nothing.
         term.cancel();
         self.clear();
-        warn!("no longer leading: stopped every create, delete and listing in flight");
+        true
     }
 
     fn clear(&self) {
