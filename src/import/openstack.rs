@@ -304,11 +304,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
             Ok((path, text)) => {
                 let mut prelude = String::from(
                     "{#- Imported from the K3s-on-OpenStack autoscaler: the names its code gave the template. -#}\n\
-                     {%- set server_name = name %}\n\
-                     {%- set extra_k3s_args = \"\" %}\n",
+                     {%- set server_name = name -%}\n\
+                     {%- set extra_k3s_args = \"\" -%}\n",
                 );
                 if let Some(k) = &token_key {
-                    prelude.push_str(&format!("{{%- set {k} = join_token %}}\n"));
+                    prelude.push_str(&format!("{{%- set {k} = join_token -%}}\n"));
                 }
                 machine.set(
                     "user_data",
