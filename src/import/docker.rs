@@ -305,5 +305,5 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     );
 
     problems.into_result()?;
-    Ok(Import { document: doc, report: r })
+    Ok(Import { document: doc, report: r, files: Vec::new() })
 }

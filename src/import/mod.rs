@@ -19,6 +19,7 @@ use std::{
 
 pub mod docker;
 pub mod gcfg;
+pub mod kamatera;
 pub mod openstack;
 pub mod out;
 pub mod proxmox;
@@ -88,6 +89,65 @@ impl Source {
 pub struct Import {
     pub document: Document,
     pub report: Report,
+    /// Files the configuration names, written beside it (mode 0600: e.g. an init script that
+    /// holds a join token, which must not be inlined in the configuration).
+    pub files: Vec<ExtraFile>,
+}
+
+/// A file written beside the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtraFile {
+    /// Relative to the configuration's directory.
+    pub name: String,
+    pub content: String,
+}
+
+/// Writes the import's extra files into `dir` (owner-only), returning their paths.
+pub fn write_files(import: &Import, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for f in &import.files {
+        let path = dir.join(&f.name);
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        std::io::Write::write_all(&mut options.open(&path)?, f.content.as_bytes())?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// The cloud-config text of an input: the file itself, or the `cloud-config` entry of a
+/// Kubernetes Secret or ConfigMap manifest (how cluster-autoscaler's providers mount it).
+pub fn cloud_config_text(source: &Source) -> Result<(String, String), Problem> {
+    let problem = |m: String| Problem { file: source.name(), key: String::new(), message: m };
+    let Ok(doc) = serde_yaml::from_str::<serde_yaml::Value>(&source.text) else {
+        return Ok((source.text.clone(), source.name()));
+    };
+    let kind = doc.get("kind").and_then(serde_yaml::Value::as_str);
+    if !matches!(kind, Some("Secret") | Some("ConfigMap")) {
+        return Ok((source.text.clone(), source.name()));
+    }
+    use base64::Engine as _;
+    for (field, encoded) in [("stringData", false), ("data", kind == Some("Secret"))] {
+        let Some(map) = doc.get(field).and_then(serde_yaml::Value::as_mapping) else { continue };
+        let entry = map
+            .get("cloud-config")
+            .or_else(|| (map.len() == 1).then(|| map.values().next()).flatten())
+            .and_then(serde_yaml::Value::as_str);
+        if let Some(text) = entry {
+            let text = if encoded {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text.trim())
+                    .map_err(|e| problem(format!("{field}.cloud-config is not base64: {e}")))?;
+                String::from_utf8(bytes).map_err(|_| problem(format!("{field}.cloud-config is not UTF-8 text")))?
+            } else {
+                text.to_owned()
+            };
+            return Ok((text, format!("{} ({field}.cloud-config)", source.name())));
+        }
+    }
+    Err(problem(format!("this {} has no cloud-config entry", kind.unwrap_or_default())))
 }
 
 /// One thing wrong with the input.
@@ -170,7 +230,8 @@ pub fn import(req: &Request) -> Result<Import, Error> {
         Kind::Openstack => openstack::import(req, &sources)?,
         Kind::Proxmox => proxmox::import(req, &sources)?,
         Kind::Docker => docker::import(req, &sources)?,
-        Kind::Kamatera | Kind::Slicer => {
+        Kind::Kamatera => kamatera::import(req, &sources)?,
+        Kind::Slicer => {
             return Err(Error::Usage(format!(
                 "importing {} configurations needs the {} driver, which this build does not have",
                 req.kind, req.kind
@@ -191,8 +252,10 @@ pub fn verify(import: &Import, output_dir: &Path) -> Result<(), crate::config::P
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
     ));
     let placeholder = |var: &str| scratch.join(var);
+    // Stand-ins shaped to pass every driver's checks of a secret (Kamatera passwords need
+    // 10-20 characters with a capital, a small letter and a digit).
     let prepared = std::fs::create_dir_all(&scratch).and_then(|()| {
-        import.document.secret_vars().iter().try_for_each(|var| std::fs::write(placeholder(var), "placeholder"))
+        import.document.secret_vars().iter().try_for_each(|var| std::fs::write(placeholder(var), "Placeholder123"))
     });
     let result = match prepared {
         Err(e) => {
@@ -267,6 +330,13 @@ pub fn run(args: Args) -> bool {
             return false;
         }
     };
+    let extra = match write_files(&import, &output_dir) {
+        Ok(paths) => paths,
+        Err(e) => {
+            eprintln!("flotilla import {}: cannot write into {}: {e}", req.kind, output_dir.display());
+            return false;
+        }
+    };
     let check = verify(&import, &output_dir);
     if let Err(problems) = &check {
         eprintln!(
@@ -274,6 +344,9 @@ pub fn run(args: Args) -> bool {
             req.kind
         );
         if !args.force {
+            for path in &extra {
+                let _ = std::fs::remove_file(path);
+            }
             eprintln!("Nothing was written. Fix the input (or write it anyway with --force).");
             return false;
         }
@@ -287,11 +360,17 @@ pub fn run(args: Args) -> bool {
                 return false;
             }
             println!("{instructions}");
+            for p in &extra {
+                println!("Wrote {} (mode 0600).", p.display());
+            }
             println!("Wrote {}.", path.display());
         }
         None => {
             print!("{text}");
             eprintln!("{instructions}");
+            for p in &extra {
+                eprintln!("Wrote {} (mode 0600).", p.display());
+            }
         }
     }
     check.is_ok()

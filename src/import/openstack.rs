@@ -412,7 +412,7 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         r.dropped(&key, shown.as_deref(), "not a key the seed reads");
     }
     problems.into_result()?;
-    Ok(Import { document: doc, report: r })
+    Ok(Import { document: doc, report: r, files: Vec::new() })
 }
 
 fn names(sources: &[Source]) -> String {

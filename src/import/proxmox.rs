@@ -546,7 +546,7 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         }
     }
     problems.into_result()?;
-    Ok(Import { document: doc, report: r })
+    Ok(Import { document: doc, report: r, files: Vec::new() })
 }
 
 fn show(v: Option<&Resolved>) -> String {
