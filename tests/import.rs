@@ -119,6 +119,9 @@ async fn served(
             "proxmox" => {
                 cloud.insert("url".into(), "https://127.0.0.1:1".into());
             }
+            "slicer" => {
+                cloud.insert("url".into(), "http://127.0.0.1:1".into());
+            }
             "openstack" => {
                 let creds = scratch.path().join("credentials.yaml");
                 std::fs::write(&creds, "OS_AUTH_URL: http://127.0.0.1:1/v3\nOS_USERNAME: u\nOS_PASSWORD: p\nOS_USER_DOMAIN_NAME: d\nOS_PROJECT_NAME: p\n")
@@ -434,4 +437,76 @@ fn the_import_command_exits_1_and_names_the_key_when_the_input_is_incomplete() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("pxe_autoscaled_node_template_vm"), "{stderr}");
     assert!(out.stdout.is_empty(), "nothing is written on failure");
+}
+
+// ---------------------------------------------------------------- Slicer
+
+#[tokio::test]
+async fn slicer_cloud_config_becomes_one_cloud_per_slicer_api_and_one_group_per_host_group() {
+    let i = run(Kind::Slicer, &["cloud-config.ini"], &[]);
+    check_golden(Kind::Slicer, &i, "cloud-config.expected");
+    assert_no_secret(&i, &["K10a1b2c3d4e5f60718", "9a8b7c6d5e4f3a2b1c0d9e8f", "1f2e3d4c5b6a79800a1b2c3d"]);
+    assert_eq!(i.document.secret_vars(), ["SLICER_TOKEN_1", "K3S_TOKEN", "SLICER_TOKEN_2"]);
+    // Mixed case names, a repeated max-size (the last wins), defaults from [global].
+    let (mut groups, _) = served(Kind::Slicer, &i, "k3s-agents-1").await;
+    groups.sort();
+    assert_eq!(groups, [
+        ("k3s-agents-1".to_owned(), 0, 6),
+        ("k3s-agents-2".to_owned(), 0, 3),
+        ("k3s-agents-gpu".to_owned(), 0, 2),
+    ]);
+    for key in ["slicer-url", "slicer-token", "max-size"] {
+        assert!(i.report.accounts_for(&format!("[nodegroup \"k3s-agents-1\"] {key}")), "{key}");
+    }
+    for key in ["k3s-url", "k3s-token", "default-max-size"] {
+        assert!(i.report.accounts_for(&format!("[global] {key}")), "{key}");
+    }
+    assert!(i.report.accounts_for("[nodegroup \"k3s-agents-2\"] arch"));
+}
+
+#[test]
+fn the_slicer_cloud_config_is_read_from_the_secret_that_mounts_it() {
+    let i = run(Kind::Slicer, &["cloud-config-secret.yaml"], &[]);
+    assert_eq!(i.document.root.get("groups.k3s-agents.max_size"), Some(&import::out::Value::Integer(5)));
+    assert_no_secret(&i, &["K10a1b2c3d4e5f60718", "9a8b7c6d5e4f3a2b1c0d9e8f"]);
+    import::verify(&i, &dir(Kind::Slicer)).unwrap();
+}
+
+fn slicer_problems(text: &str) -> Vec<import::Problem> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cloud-config.ini");
+    std::fs::write(&path, text).unwrap();
+    let req = Request { kind: Kind::Slicer, files: vec![path], output_dir: dir.path().into(), cluster_name: None, overrides: vec![] };
+    match import::import(&req) {
+        Err(Error::Input(p)) => p,
+        other => panic!("expected problems, got {:?}", other.map(|i| i.document.render())),
+    }
+}
+
+#[test]
+fn a_slicer_config_missing_what_the_provider_needs_names_each_key() {
+    let p = slicer_problems("[global]\nk3s-url=https://10.0.0.2:6443\n[nodegroup \"agents\"]\nslicer-token=x\nmin-size=-1\n");
+    let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["[global] k3s-token", "[nodegroup \"agents\"] slicer-url"]);
+    let p = slicer_problems("[global]\nk3s-url=https://10.0.0.2:6443\nk3s-token=t\n[nodegroup \"agents\"]\nslicer-url=http://10.0.0.3:8081\nmin-size=-1\n");
+    assert_eq!(p[0].key, "[nodegroup \"agents\"] min-size", "the provider let a negative min through; Flotilla does not");
+    let p = slicer_problems("[global]\nk3s-url=https://10.0.0.2:6443\nk3s-token=t\n[nodegroup \"agents_1\"]\nslicer-url=http://10.0.0.3:8081\n");
+    assert!(p[0].message.contains("lower-case letters, digits and '-'"), "{}", p[0]);
+}
+
+#[test]
+fn what_gcfg_refuses_is_refused_with_its_line_and_unknown_keys_are_listed_with_a_guess() {
+    let p = slicer_problems("[global]\nk3s_url=https://10.0.0.2:6443\n");
+    assert!(p[0].message.contains("line 2") && p[0].message.contains("'_'"), "{}", p[0]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.ini");
+    std::fs::write(
+        &path,
+        "[global]\nk3s-url=https://10.0.0.2:6443\nk3s-token=t\n[nodegroup \"agents\"]\nslicer-url=http://10.0.0.3:8081\nmax-sise=3\n",
+    )
+    .unwrap();
+    let req = Request { kind: Kind::Slicer, files: vec![path], output_dir: dir.path().into(), cluster_name: None, overrides: vec![] };
+    let i = import::import(&req).unwrap();
+    let line = i.report.lines.iter().find(|l| l.key == "[nodegroup \"agents\"] max-sise").unwrap();
+    assert!(matches!(&line.fate, import::report::Fate::Dropped(why) if why.contains("did you mean max-size?")), "{line:?}");
 }

@@ -25,6 +25,7 @@ pub mod out;
 pub mod proxmox;
 pub mod pysettings;
 pub mod report;
+pub mod slicer;
 mod yaml;
 
 pub use out::Document;
@@ -231,12 +232,7 @@ pub fn import(req: &Request) -> Result<Import, Error> {
         Kind::Proxmox => proxmox::import(req, &sources)?,
         Kind::Docker => docker::import(req, &sources)?,
         Kind::Kamatera => kamatera::import(req, &sources)?,
-        Kind::Slicer => {
-            return Err(Error::Usage(format!(
-                "importing {} configurations needs the {} driver, which this build does not have",
-                req.kind, req.kind
-            )));
-        }
+        Kind::Slicer => slicer::import(req, &sources)?,
     };
     import.report.inputs = sources.iter().map(Source::name).collect();
     Ok(import)
