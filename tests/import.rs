@@ -70,7 +70,10 @@ fn golden(path: &Path, actual: &str) {
 fn check_golden(kind: Kind, import: &Import, name: &str) {
     let toml_path = dir(kind).join(format!("{name}.toml"));
     golden(&toml_path, &import.document.render());
-    golden(&dir(kind).join(format!("{name}.report.txt")), &import::instructions(import, Some(Path::new("flotilla.toml"))));
+    golden(
+        &dir(kind).join(format!("{name}.report.txt")),
+        &import::instructions(import, Some(Path::new("flotilla.toml"))),
+    );
     let mut cmd = Command::new(BIN);
     cmd.args(["check-config", "--config"]).arg(&toml_path);
     for var in import.document.secret_vars() {
@@ -105,9 +108,7 @@ async fn served(
     for var in import.document.secret_vars() {
         std::fs::write(scratch.path().join(&var), "stand-in").unwrap();
     }
-    let text = import.document.render_with(&|var| {
-        format!("{{ file = \"{}\" }}", scratch.path().join(var).display())
-    });
+    let text = import.document.render_with(&|var| format!("{{ file = \"{}\" }}", scratch.path().join(var).display()));
     // No traffic leaves the machine: every cloud endpoint points at a closed loopback port.
     let mut table: toml::Table = text.parse().unwrap();
     for (_, cloud) in table["clouds"].as_table_mut().unwrap().iter_mut() {
@@ -170,11 +171,10 @@ fn seconds(d: &Option<prost_types::Duration>) -> i64 {
 async fn docker_config_yaml_becomes_a_docker_cloud_whose_group_has_the_seeds_limits() {
     let i = run(Kind::Docker, &["config.yaml"], &[]);
     check_golden(Kind::Docker, &i, "config.expected");
-    assert_eq!(i.report.flag_args(), [
-        "--scan-interval=30s",
-        "--scale-down-delay-after-delete=3m",
-        "--kubeconfig=/app/kubeconfig/kubeconfig.yaml"
-    ]);
+    assert_eq!(
+        i.report.flag_args(),
+        ["--scan-interval=30s", "--scale-down-delay-after-delete=3m", "--kubeconfig=/app/kubeconfig/kubeconfig.yaml"]
+    );
     let (groups, options) = served(Kind::Docker, &i, "workers").await;
     assert_eq!(groups, [("workers".to_owned(), 2, 6)]);
     let o = options.expect("the group answers GetOptions");
@@ -241,8 +241,13 @@ fn a_docker_config_without_an_image_or_a_maximum_names_both_keys() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, "autoscaler:\n  limits: {min_nodes: 1}\n  docker: {network: k3s}\n").unwrap();
-    let req =
-        Request { kind: Kind::Docker, files: vec![path], output_dir: dir.path().into(), cluster_name: None, overrides: vec![] };
+    let req = Request {
+        kind: Kind::Docker,
+        files: vec![path],
+        output_dir: dir.path().into(),
+        cluster_name: None,
+        overrides: vec![],
+    };
     let Err(Error::Input(p)) = import::import(&req) else { panic!("expected problems") };
     let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(keys, ["autoscaler.limits.max_nodes", "autoscaler.docker.image"]);
@@ -258,7 +263,10 @@ async fn openstack_config_credentials_and_butane_template_become_one_group_on_on
     assert_no_secret(&i, &["fairlys3cretpassw0rd", "Kxxxxx::server:1234567890"]);
     let d = &i.document.root;
     assert_eq!(d.get("clouds.pouta.credentials_file"), Some(&import::out::Value::String("credentials.yaml".into())));
-    assert_eq!(d.get("groups.workers.machine.join_token"), Some(&import::out::Value::SecretEnv("K3S_NODE_TOKEN".into())));
+    assert_eq!(
+        d.get("groups.workers.machine.join_token"),
+        Some(&import::out::Value::SecretEnv("K3S_NODE_TOKEN".into()))
+    );
     let (groups, options) = served(Kind::Openstack, &i, "workers").await;
     assert_eq!(groups, [("workers".to_owned(), 0, 4)]);
     assert_eq!(seconds(&options.unwrap().max_node_provision_duration), 600, "the seed's 10-minute join limit");
@@ -310,7 +318,8 @@ fn the_butane_template_renders_with_the_names_the_seed_gave_it_and_no_startup_ta
 #[test]
 fn an_openstack_config_without_flavor_or_maximum_names_the_missing_keys() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.yaml"), "clusterName: c1\nimage: fcos\nbutaneConfigTemplate: t.j2\n").unwrap();
+    std::fs::write(dir.path().join("config.yaml"), "clusterName: c1\nimage: fcos\nbutaneConfigTemplate: t.j2\n")
+        .unwrap();
     std::fs::write(dir.path().join("t.j2"), "variant: fcos\n").unwrap();
     std::fs::copy(self::dir(Kind::Openstack).join("credentials.yaml"), dir.path().join("credentials.yaml")).unwrap();
     let req = Request {
@@ -332,25 +341,27 @@ async fn proxmox_settings_py_becomes_a_proxmox_cloud_with_the_seeds_timers() {
     let i = run(Kind::Proxmox, &["settings.py"], &[("pxe_autoscaled_node_template_vm", "9000")]);
     check_golden(Kind::Proxmox, &i, "settings.expected");
     assert_no_secret(&i, &["t3mplat3"]);
-    assert_eq!(i.report.flag_args(), [
-        "--scan-interval=15s",
-        "--scale-down-delay-after-delete=10m",
-        "--scale-down-delay-after-add=10m",
-        "--scale-down-delay-after-failure=10m",
-        "--max-total-unready-percentage=45",
-        "--ok-total-unready-count=3"
-    ]);
+    assert_eq!(
+        i.report.flag_args(),
+        [
+            "--scan-interval=15s",
+            "--scale-down-delay-after-delete=10m",
+            "--scale-down-delay-after-add=10m",
+            "--scale-down-delay-after-failure=10m",
+            "--max-total-unready-percentage=45",
+            "--ok-total-unready-count=3"
+        ]
+    );
     let (groups, options) = served(Kind::Proxmox, &i, "workers").await;
     assert_eq!(groups, [("workers".to_owned(), 0, 5)]);
     let o = options.unwrap();
     assert_eq!(seconds(&o.max_node_provision_duration), 900);
     assert_eq!(seconds(&o.scale_down_unneeded_duration), 600);
     assert_eq!(o.scale_down_utilization_threshold, 0.5);
-    for (name, _) in flotilla::import::pysettings::parse(
-        &std::fs::read_to_string(dir(Kind::Proxmox).join("settings.py")).unwrap(),
-    )
-    .into_iter()
-    .map(|s| (s.name, ()))
+    for (name, _) in
+        flotilla::import::pysettings::parse(&std::fs::read_to_string(dir(Kind::Proxmox).join("settings.py")).unwrap())
+            .into_iter()
+            .map(|s| (s.name, ()))
     {
         assert!(i.report.accounts_for(&name), "{name}");
     }
@@ -388,8 +399,13 @@ fn proxmox_settings_as_an_env_file_need_the_host_user_and_template() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("settings.env");
     std::fs::write(&path, "export PXE_PASSWORD='s3cr3t'\nmax_size=4\npxe_autoscaled_node_ip_mask=24\n").unwrap();
-    let req =
-        Request { kind: Kind::Proxmox, files: vec![path.clone()], output_dir: dir.path().into(), cluster_name: None, overrides: vec![] };
+    let req = Request {
+        kind: Kind::Proxmox,
+        files: vec![path.clone()],
+        output_dir: dir.path().into(),
+        cluster_name: None,
+        overrides: vec![],
+    };
     let Err(Error::Input(p)) = import::import(&req) else { panic!("expected problems") };
     let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(keys, ["pxe_host", "pxe_user", "pxe_autoscaled_node_template_vm", "pxe_autoscaled_node_ip_pool"]);
@@ -401,7 +417,10 @@ fn proxmox_settings_as_an_env_file_need_the_host_user_and_template() {
     )
     .unwrap();
     let i = import::import(&req).unwrap();
-    assert_eq!(i.document.root.get("clouds.pve.url"), Some(&import::out::Value::String("https://pve.example:8443".into())));
+    assert_eq!(
+        i.document.root.get("clouds.pve.url"),
+        Some(&import::out::Value::String("https://pve.example:8443".into()))
+    );
     assert_no_secret(&i, &["s3cr3t"]);
     import::verify(&i, dir.path()).unwrap();
 }
@@ -413,7 +432,13 @@ fn the_import_command_writes_the_file_prints_the_report_and_the_file_passes_chec
     let tmp = tempfile::tempdir().unwrap();
     let out_path = tmp.path().join("flotilla.toml");
     let out = Command::new(BIN)
-        .args(["import", "openstack", "tests/import/openstack/config.yaml", "tests/import/openstack/credentials.yaml", "-o"])
+        .args([
+            "import",
+            "openstack",
+            "tests/import/openstack/config.yaml",
+            "tests/import/openstack/credentials.yaml",
+            "-o",
+        ])
         .arg(&out_path)
         .output()
         .unwrap();
@@ -450,11 +475,10 @@ async fn slicer_cloud_config_becomes_one_cloud_per_slicer_api_and_one_group_per_
     // Mixed case names, a repeated max-size (the last wins), defaults from [global].
     let (mut groups, _) = served(Kind::Slicer, &i, "k3s-agents-1").await;
     groups.sort();
-    assert_eq!(groups, [
-        ("k3s-agents-1".to_owned(), 0, 6),
-        ("k3s-agents-2".to_owned(), 0, 3),
-        ("k3s-agents-gpu".to_owned(), 0, 2),
-    ]);
+    assert_eq!(
+        groups,
+        [("k3s-agents-1".to_owned(), 0, 6), ("k3s-agents-2".to_owned(), 0, 3), ("k3s-agents-gpu".to_owned(), 0, 2),]
+    );
     for key in ["slicer-url", "slicer-token", "max-size"] {
         assert!(i.report.accounts_for(&format!("[nodegroup \"k3s-agents-1\"] {key}")), "{key}");
     }
@@ -476,7 +500,13 @@ fn slicer_problems(text: &str) -> Vec<import::Problem> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cloud-config.ini");
     std::fs::write(&path, text).unwrap();
-    let req = Request { kind: Kind::Slicer, files: vec![path], output_dir: dir.path().into(), cluster_name: None, overrides: vec![] };
+    let req = Request {
+        kind: Kind::Slicer,
+        files: vec![path],
+        output_dir: dir.path().into(),
+        cluster_name: None,
+        overrides: vec![],
+    };
     match import::import(&req) {
         Err(Error::Input(p)) => p,
         other => panic!("expected problems, got {:?}", other.map(|i| i.document.render())),
@@ -485,12 +515,21 @@ fn slicer_problems(text: &str) -> Vec<import::Problem> {
 
 #[test]
 fn a_slicer_config_missing_what_the_provider_needs_names_each_key() {
-    let p = slicer_problems("[global]\nk3s-url=https://10.0.0.2:6443\n[nodegroup \"agents\"]\nslicer-token=x\nmin-size=-1\n");
+    let p = slicer_problems(
+        "[global]\nk3s-url=https://10.0.0.2:6443\n[nodegroup \"agents\"]\nslicer-token=x\nmin-size=-1\n",
+    );
     let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(keys, ["[global] k3s-token", "[nodegroup \"agents\"] slicer-url"]);
-    let p = slicer_problems("[global]\nk3s-url=https://10.0.0.2:6443\nk3s-token=t\n[nodegroup \"agents\"]\nslicer-url=http://10.0.0.3:8081\nmin-size=-1\n");
-    assert_eq!(p[0].key, "[nodegroup \"agents\"] min-size", "the provider let a negative min through; Flotilla does not");
-    let p = slicer_problems("[global]\nk3s-url=https://10.0.0.2:6443\nk3s-token=t\n[nodegroup \"agents_1\"]\nslicer-url=http://10.0.0.3:8081\n");
+    let p = slicer_problems(
+        "[global]\nk3s-url=https://10.0.0.2:6443\nk3s-token=t\n[nodegroup \"agents\"]\nslicer-url=http://10.0.0.3:8081\nmin-size=-1\n",
+    );
+    assert_eq!(
+        p[0].key, "[nodegroup \"agents\"] min-size",
+        "the provider let a negative min through; Flotilla does not"
+    );
+    let p = slicer_problems(
+        "[global]\nk3s-url=https://10.0.0.2:6443\nk3s-token=t\n[nodegroup \"agents_1\"]\nslicer-url=http://10.0.0.3:8081\n",
+    );
     assert!(p[0].message.contains("lower-case letters, digits and '-'"), "{}", p[0]);
 }
 
@@ -505,8 +544,17 @@ fn what_gcfg_refuses_is_refused_with_its_line_and_unknown_keys_are_listed_with_a
         "[global]\nk3s-url=https://10.0.0.2:6443\nk3s-token=t\n[nodegroup \"agents\"]\nslicer-url=http://10.0.0.3:8081\nmax-sise=3\n",
     )
     .unwrap();
-    let req = Request { kind: Kind::Slicer, files: vec![path], output_dir: dir.path().into(), cluster_name: None, overrides: vec![] };
+    let req = Request {
+        kind: Kind::Slicer,
+        files: vec![path],
+        output_dir: dir.path().into(),
+        cluster_name: None,
+        overrides: vec![],
+    };
     let i = import::import(&req).unwrap();
     let line = i.report.lines.iter().find(|l| l.key == "[nodegroup \"agents\"] max-sise").unwrap();
-    assert!(matches!(&line.fate, import::report::Fate::Dropped(why) if why.contains("did you mean max-size?")), "{line:?}");
+    assert!(
+        matches!(&line.fate, import::report::Fate::Dropped(why) if why.contains("did you mean max-size?")),
+        "{line:?}"
+    );
 }

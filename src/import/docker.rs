@@ -119,7 +119,9 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
             Some(n) => problems.push(&file, "autoscaler.limits.max_nodes", format!("{n} is below min_nodes {min}")),
             None => problems.push(&file, "autoscaler.limits.max_nodes", format!("{:?} is not a count", yaml::show(v))),
         },
-        None => problems.push(&file, "autoscaler.limits.max_nodes", "is required: the largest number of worker containers"),
+        None => {
+            problems.push(&file, "autoscaler.limits.max_nodes", "is required: the largest number of worker containers")
+        }
     }
     if limits_min.is_some() || limits_max.is_some() {
         r.note(
@@ -132,13 +134,21 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     let machine = doc.root.table(&format!("groups.{GROUP}.machine"));
     match keys.take("autoscaler.docker.image").as_ref().and_then(yaml::scalar) {
         Some(image) if !image.trim().is_empty() => {
-            machine.set("image", image.as_str(), Some("autoscaler.docker.image (pull it on the engine first: Flotilla never pulls)"));
+            machine.set(
+                "image",
+                image.as_str(),
+                Some("autoscaler.docker.image (pull it on the engine first: Flotilla never pulls)"),
+            );
             r.mapped("autoscaler.docker.image", &format!("groups.{GROUP}.machine.image"));
         }
         _ => problems.push(&file, "autoscaler.docker.image", "is required: the k3s image the worker containers run"),
     }
     machine.set("command", vec!["agent".to_owned()], None);
-    machine.set("k3s_url", "https://k3s-master:6443", Some("The seed's code joined every worker to https://k3s-master:6443."));
+    machine.set(
+        "k3s_url",
+        "https://k3s-master:6443",
+        Some("The seed's code joined every worker to https://k3s-master:6443."),
+    );
     machine.set(
         "k3s_token",
         Out::SecretEnv("K3S_TOKEN".into()),
@@ -170,12 +180,18 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     if let Some(v) = keys.take("autoscaler.check_interval") {
         match yaml::seconds(&v) {
             Some(s) if s > 0 => r.flag("autoscaler.check_interval", "scan-interval", &super::go_duration(s)),
-            _ => problems.push(&file, "autoscaler.check_interval", format!("{:?} is not a number of seconds", yaml::show(&v))),
+            _ => problems.push(
+                &file,
+                "autoscaler.check_interval",
+                format!("{:?} is not a number of seconds", yaml::show(&v)),
+            ),
         }
     }
     if let Some(v) = keys.take("autoscaler.limits.scale_down_cooldown") {
         match yaml::seconds(&v) {
-            Some(s) => r.flag("autoscaler.limits.scale_down_cooldown", "scale-down-delay-after-delete", &super::go_duration(s)),
+            Some(s) => {
+                r.flag("autoscaler.limits.scale_down_cooldown", "scale-down-delay-after-delete", &super::go_duration(s))
+            }
             None => problems.push(
                 &file,
                 "autoscaler.limits.scale_down_cooldown",
@@ -220,7 +236,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
                      compares each node's requested CPU and memory, so set requests on your workloads."
                 ));
             } else {
-                problems.push(&file, "autoscaler.thresholds", "scale-down thresholds must be percentages between 0 and 100");
+                problems.push(
+                    &file,
+                    "autoscaler.thresholds",
+                    "scale-down thresholds must be percentages between 0 and 100",
+                );
             }
         }
         _ => {

@@ -275,7 +275,10 @@ pub fn parse(text: &str) -> Result<Vec<Section>, SyntaxError> {
                         let (v, cut) = s.value()?;
                         (Some(v), cut)
                     }
-                    Some(c) => return s.err(format!("illegal character {c:?} (names are letters, digits and '-'), expected '='")),
+                    Some(c) => {
+                        return s
+                            .err(format!("illegal character {c:?} (names are letters, digits and '-'), expected '='"));
+                    }
                 };
                 s.end_of_line()?;
                 sections[idx].vars.push(Var {

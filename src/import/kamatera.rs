@@ -82,8 +82,14 @@ const GROUP_KEYS: &[&str] = &[
 ];
 
 const MULTI: &[&str] = &["disk", "network", "template-label", "default-disk", "default-network"];
-const GCFG_BOOLS: &[&str] =
-    &["poweroff-on-scale-down", "poweron-on-scale-up", "default-dailybackup", "default-managed", "dailybackup", "managed"];
+const GCFG_BOOLS: &[&str] = &[
+    "poweroff-on-scale-down",
+    "poweron-on-scale-up",
+    "default-dailybackup",
+    "default-managed",
+    "dailybackup",
+    "managed",
+];
 
 /// One section's values after gcfg's rules: the last of a single-valued key, the list of a
 /// multi-valued one.
@@ -132,7 +138,11 @@ fn collect(section: &Section, known: &[&str], where_: &str, file: &str, p: &mut 
             }
         } else {
             if var.value.is_none() && !GCFG_BOOLS.contains(&var.name.as_str()) {
-                p.push(file, &key, format!("line {}: has no value (gcfg: blank value not supported for type)", var.line));
+                p.push(
+                    file,
+                    &key,
+                    format!("line {}: has no value (gcfg: blank value not supported for type)", var.line),
+                );
             }
             if let Some((_, line)) = v.single.get(&var.name) {
                 r.note(format!(
@@ -166,7 +176,11 @@ impl Values {
             None | Some("true" | "yes" | "on" | "1") => Some(true),
             Some("false" | "no" | "off" | "0") => Some(false),
             Some(other) => {
-                p.push(file, &format!("{where_} {key}"), format!("{other:?} is not a boolean (true/yes/on/1, false/no/off/0)"));
+                p.push(
+                    file,
+                    &format!("{where_} {key}"),
+                    format!("{other:?} is not a boolean (true/yes/on/1, false/no/off/0)"),
+                );
                 None
             }
         }
@@ -181,7 +195,9 @@ fn atoi(s: &str) -> Option<i64> {
 
 pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     let [source] = sources else {
-        return Err(Error::Usage("the kamatera import reads one file: the cloud-config (or the Secret holding it)".into()));
+        return Err(Error::Usage(
+            "the kamatera import reads one file: the cloud-config (or the Secret holding it)".into(),
+        ));
     };
     let (text, file) = super::cloud_config_text(source).map_err(|p| Error::Input(vec![p]))?;
     let sections = gcfg::parse(&text).map_err(|e| {
@@ -208,10 +224,18 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
                     None => format!("[{name}]"),
                 };
                 for v in &s.vars {
-                    r.dropped(&format!("{header} {}", v.name), None, "not a section of the Kamatera provider, which refuses the whole file for it");
+                    r.dropped(
+                        &format!("{header} {}", v.name),
+                        None,
+                        "not a section of the Kamatera provider, which refuses the whole file for it",
+                    );
                 }
                 if s.vars.is_empty() {
-                    r.dropped(&header, None, "not a section of the Kamatera provider, which refuses the whole file for it");
+                    r.dropped(
+                        &header,
+                        None,
+                        "not a section of the Kamatera provider, which refuses the whole file for it",
+                    );
                 }
             }
         }
@@ -227,7 +251,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     let cluster = g.non_empty("cluster-name");
     let cluster_label = match &cluster {
         None => {
-            p.push(&file, "[global] cluster-name", "is required (the provider: \"cluster name is not set\"); it is the k8sca-<name> tag");
+            p.push(
+                &file,
+                "[global] cluster-name",
+                "is required (the provider: \"cluster name is not set\"); it is the k8sca-<name> tag",
+            );
             String::new()
         }
         Some(c) if c.chars().count() > MAX_NAME => {
@@ -272,7 +300,12 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     ] {
         cloud.set(out_key, Out::SecretEnv(var.into()), Some(&format!("[global] {key}")));
         if g.non_empty(key).is_some() {
-            r.secret(&format!("[global] {key}"), var, &format!("{cloud_path}.{out_key}"), &format!("[global] {key} in {file}"));
+            r.secret(
+                &format!("[global] {key}"),
+                var,
+                &format!("{cloud_path}.{out_key}"),
+                &format!("[global] {key} in {file}"),
+            );
         } else {
             p.push(&file, &format!("[global] {key}"), "is required (the provider: \"kamatera api ... is not set\")");
         }
@@ -299,7 +332,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
             Some(s) => match atoi(&s) {
                 Some(n) => n,
                 None => {
-                    p.push(&file, &format!("{where_} {key}"), format!("{s:?} is not a whole number (the provider: could not parse)"));
+                    p.push(
+                        &file,
+                        &format!("{where_} {key}"),
+                        format!("{s:?} is not a whole number (the provider: could not parse)"),
+                    );
                     default
                 }
             },
@@ -309,7 +346,10 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     let default_max = size(&g, "default-max-size", 254, "[global]", &mut p);
     for key in ["default-min-size", "default-max-size"] {
         if g.single.contains_key(key) {
-            r.mapped(&format!("[global] {key}"), &format!("groups.*.{}", if key.contains("min") { "min_size" } else { "max_size" }));
+            r.mapped(
+                &format!("[global] {key}"),
+                &format!("groups.*.{}", if key.contains("min") { "min_size" } else { "max_size" }),
+            );
         }
     }
 
@@ -337,14 +377,27 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         }
     }
     if default_password {
-        doc.root.table(&defaults_path).set("password", Out::SecretEnv("KAMATERA_ROOT_PASSWORD".into()), Some("[global] default-password"));
-        r.secret("[global] default-password", "KAMATERA_ROOT_PASSWORD", &format!("{defaults_path}.password"), &format!("[global] default-password in {file}"));
+        doc.root.table(&defaults_path).set(
+            "password",
+            Out::SecretEnv("KAMATERA_ROOT_PASSWORD".into()),
+            Some("[global] default-password"),
+        );
+        r.secret(
+            "[global] default-password",
+            "KAMATERA_ROOT_PASSWORD",
+            &format!("{defaults_path}.password"),
+            &format!("[global] default-password in {file}"),
+        );
     }
 
     // Node groups.
     let groups: Vec<&Section> = sections.iter().filter(|s| s.name == "nodegroup" && s.sub.is_some()).collect();
     if groups.is_empty() {
-        p.push(&file, "[nodegroup \"NAME\"]", "at least one node group is required (the provider only scales the groups its config names)");
+        p.push(
+            &file,
+            "[nodegroup \"NAME\"]",
+            "at least one node group is required (the provider only scales the groups its config names)",
+        );
     }
     let mut used_labels: BTreeMap<String, String> = BTreeMap::new();
     for section in groups {
@@ -355,7 +408,10 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
             p.push(
                 &file,
                 &where_,
-                format!("the name is {} characters; the provider allows at most {MAX_NAME} (the k8scang- tag)", name.chars().count()),
+                format!(
+                    "the name is {} characters; the provider allows at most {MAX_NAME} (the k8scang- tag)",
+                    name.chars().count()
+                ),
             );
             continue;
         }
@@ -377,10 +433,20 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         if min < 0 {
             p.push(&file, &format!("{where_} min-size"), "must not be negative (the provider: cannot be < 0)");
         } else if min > max {
-            p.push(&file, &format!("{where_} max-size"), format!("{max} is below min-size {min} (the provider refuses it too)"));
+            p.push(
+                &file,
+                &format!("{where_} max-size"),
+                format!("{max} is below min-size {min} (the provider refuses it too)"),
+            );
         }
         let from = |key: &str, global: &str| {
-            if v.non_empty(key).is_some() { format!("{where_} {key}") } else if g.non_empty(global).is_some() { format!("[global] {global}") } else { format!("the provider's default ({})", if key == "min-size" { default_min } else { default_max }) }
+            if v.non_empty(key).is_some() {
+                format!("{where_} {key}")
+            } else if g.non_empty(global).is_some() {
+                format!("[global] {global}")
+            } else {
+                format!("the provider's default ({})", if key == "min-size" { default_min } else { default_max })
+            }
         };
         group.set("min_size", min, Some(&from("min-size", "default-min-size")));
         group.set("max_size", max, Some(&from("max-size", "default-max-size")));
@@ -411,28 +477,45 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
                  ones {cluster_label}-{label}-<random>."
             )),
         }
-        group.set("provider_id", provider_id.as_str(), Some("What the provider reported: <provider-id-prefix><server name>."));
+        group.set(
+            "provider_id",
+            provider_id.as_str(),
+            Some("What the provider reported: <provider-id-prefix><server name>."),
+        );
         for key in ["poweroff-on-scale-down", "poweron-on-scale-up"] {
             if let Some(s) = v.non_empty(key) {
                 match parse_go_bool(&s) {
                     Some(on) => power_key(&mut r, &format!("{where_} {key}"), on),
-                    None => p.push(&file, &format!("{where_} {key}"), format!("{s:?} is not a boolean Go's strconv.ParseBool reads (1, t, true, 0, f, false, ...)")),
+                    None => p.push(
+                        &file,
+                        &format!("{where_} {key}"),
+                        format!("{s:?} is not a boolean Go's strconv.ParseBool reads (1, t, true, 0, f, false, ...)"),
+                    ),
                 }
             }
         }
         if let Some(s) = v.non_empty("poweroff-on-scale-down-max-servers") {
-            r.dropped(&format!("{where_} poweroff-on-scale-down-max-servers"), Some(&s), "warm pools (stopped servers started on scale-up) are not in Flotilla yet (issue 12)");
+            r.dropped(
+                &format!("{where_} poweroff-on-scale-down-max-servers"),
+                Some(&s),
+                "warm pools (stopped servers started on scale-up) are not in Flotilla yet (issue 12)",
+            );
         }
 
         let machine_path = format!("{group_path}.machine");
         let machine = doc.root.table(&machine_path);
         if label != name {
-            machine.set("tag_group_name", name.as_str(), Some("The provider's node group name, kept for the k8scang- tag."));
+            machine.set(
+                "tag_group_name",
+                name.as_str(),
+                Some("The provider's node group name, kept for the k8scang- tag."),
+            );
         }
         let mut server = ServerKeys::from_values(&v, "");
         // gcfg + the provider: a group's dailybackup/managed only ever turn the default on.
         for key in ["dailybackup", "managed"] {
-            let global = g.gcfg_bool(&format!("default-{key}"), "[global]", &file, &mut Problems::default()).unwrap_or(false);
+            let global =
+                g.gcfg_bool(&format!("default-{key}"), "[global]", &file, &mut Problems::default()).unwrap_or(false);
             if let Some(mine) = v.gcfg_bool(key, &where_, &file, &mut p) {
                 if !mine && global {
                     r.note(format!(
@@ -462,8 +545,17 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         }
         if server.password {
             let var = format!("KAMATERA_ROOT_PASSWORD_{}", label.to_ascii_uppercase().replace('-', "_"));
-            doc.root.table(&machine_path).set("password", Out::SecretEnv(var.clone()), Some(&format!("{where_} password")));
-            r.secret(&format!("{where_} password"), &var, &format!("{machine_path}.password"), &format!("{where_} password in {file}"));
+            doc.root.table(&machine_path).set(
+                "password",
+                Out::SecretEnv(var.clone()),
+                Some(&format!("{where_} password")),
+            );
+            r.secret(
+                &format!("{where_} password"),
+                &var,
+                &format!("{machine_path}.password"),
+                &format!("{where_} password in {file}"),
+            );
         }
         let mut labels = BTreeMap::new();
         for l in v.list("template-label").unwrap_or_default() {
@@ -471,7 +563,9 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
                 Some((k, val)) => {
                     labels.insert(k.to_owned(), val.to_owned());
                 }
-                None => r.note(format!("{where_} template-label {l:?} has no '=': the provider ignored it, and so does the import.")),
+                None => r.note(format!(
+                    "{where_} template-label {l:?} has no '=': the provider ignored it, and so does the import."
+                )),
             }
         }
         if v.seen.iter().any(|k| k == "template-label") {
@@ -555,7 +649,10 @@ impl ServerKeys {
         if prefix == "default-" {
             for key in ["dailybackup", "managed"] {
                 if let Some((val, _)) = v.single.get(&k(key)) {
-                    let on = matches!(val.as_deref().map(str::to_ascii_lowercase).as_deref(), None | Some("true" | "yes" | "on" | "1"));
+                    let on = matches!(
+                        val.as_deref().map(str::to_ascii_lowercase).as_deref(),
+                        None | Some("true" | "yes" | "on" | "1")
+                    );
                     s.bools.insert(if key == "dailybackup" { "dailybackup" } else { "managed" }, on);
                 }
             }
@@ -563,12 +660,22 @@ impl ServerKeys {
         s
     }
 
-    fn write(&self, t: &mut super::out::Table, from_prefix: &str, path: &str, file: &str, r: &mut Report, p: &mut Problems) {
+    fn write(
+        &self,
+        t: &mut super::out::Table,
+        from_prefix: &str,
+        path: &str,
+        file: &str,
+        r: &mut Report,
+        p: &mut Problems,
+    ) {
         for (key, out, val) in &self.strings {
             let val = match *key {
                 "cpu" if val.chars().last().is_some_and(|c| c.is_ascii_lowercase()) => {
                     let up = val.to_ascii_uppercase();
-                    r.note(format!("{from_prefix}cpu {val:?}: Kamatera's CPU type letter is upper-case; imported as {up:?}."));
+                    r.note(format!(
+                        "{from_prefix}cpu {val:?}: Kamatera's CPU type letter is upper-case; imported as {up:?}."
+                    ));
                     up
                 }
                 "billingcycle" => val.to_ascii_lowercase(),
@@ -595,7 +702,8 @@ impl ServerKeys {
             t.set(out, *on, Some(&format!("{from_prefix}{key}")));
             r.mapped(&format!("{from_prefix}{key}"), &format!("{path}.{out}"));
         }
-        let name_prefix_key = format!("{}name-prefix", if from_prefix.starts_with("[global]") { "default-" } else { "" });
+        let name_prefix_key =
+            format!("{}name-prefix", if from_prefix.starts_with("[global]") { "default-" } else { "" });
         if self.seen.contains(&name_prefix_key) && from_prefix.starts_with("[global]") {
             r.mapped(&format!("[global] {name_prefix_key}"), "groups.*.name_prefix");
         }
@@ -625,9 +733,9 @@ fn parse_go_bool(s: &str) -> Option<bool> {
 
 fn decode_script(b64: &str) -> Result<String, String> {
     let cleaned: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(&cleaned)
-        .map_err(|e| format!("is not base64 ({e}); the provider would send it as it is and Kamatera would run garbage"))?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(&cleaned).map_err(|e| {
+        format!("is not base64 ({e}); the provider would send it as it is and Kamatera would run garbage")
+    })?;
     String::from_utf8(bytes).map_err(|_| "does not decode to text".to_owned())
 }
 

@@ -309,7 +309,9 @@ fn parse_override(s: &str) -> Result<(String, String), String> {
 /// prints the report. Returns false (exit 1) when nothing usable was written.
 pub fn run(args: Args) -> bool {
     let output_dir = match &args.output {
-        Some(path) => path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| ".".into()),
+        Some(path) => {
+            path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| ".".into())
+        }
         None => PathBuf::from("."),
     };
     let req = Request {

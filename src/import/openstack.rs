@@ -226,7 +226,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         None => problems.push(&file, "maximumNumberOfNodes", "is required: the most nodes the autoscaler may create"),
     }
     if !cluster.is_empty() {
-        group.set("name_prefix", format!("{label}-node").as_str(), Some("Servers are <clusterName>-node-<random>, as the seed named them."));
+        group.set(
+            "name_prefix",
+            format!("{label}-node").as_str(),
+            Some("Servers are <clusterName>-node-<random>, as the seed named them."),
+        );
     }
     group.set(
         "provider_id",
@@ -248,7 +252,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     }
     if !cluster.is_empty() {
         machine.set("key_name", cluster.as_str(), Some("The seed's code: key pair <clusterName>."));
-        machine.set("networks", vec![format!("{cluster}-network")], Some("The seed's code: network <clusterName>-network."));
+        machine.set(
+            "networks",
+            vec![format!("{cluster}-network")],
+            Some("The seed's code: network <clusterName>-network."),
+        );
         machine.set(
             "security_groups",
             vec![format!("{cluster}-common"), format!("{cluster}-node")],
@@ -355,7 +363,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         machine.set("template_data", Out::Table(template_data), Some("butaneConfigData"));
     }
     if token_key.is_some() {
-        machine.set("join_token", Out::SecretEnv("K3S_NODE_TOKEN".into()), Some("butaneConfigData (the k3s node token)"));
+        machine.set(
+            "join_token",
+            Out::SecretEnv("K3S_NODE_TOKEN".into()),
+            Some("butaneConfigData (the k3s node token)"),
+        );
     }
     machine.set("butane", true, None);
     match binary {
@@ -424,13 +436,7 @@ fn names(sources: &[Source]) -> String {
 fn cloud_name(creds: Option<&Value>) -> String {
     let url = creds.and_then(|v| {
         v.get("OS_AUTH_URL").and_then(yaml::scalar).or_else(|| {
-            v.get("clouds")?
-                .as_mapping()?
-                .values()
-                .next()?
-                .get("auth")?
-                .get("auth_url")
-                .and_then(yaml::scalar)
+            v.get("clouds")?.as_mapping()?.values().next()?.get("auth")?.get("auth_url").and_then(yaml::scalar)
         })
     });
     let host = url.as_deref().and_then(|u| u.split("://").nth(1)).and_then(|rest| rest.split([':', '/', '.']).next());
@@ -449,9 +455,9 @@ fn to_out(v: &Value) -> Option<Out> {
             None => Out::Float(n.as_f64()?),
         },
         Value::Sequence(items) => Out::Array(items.iter().map(to_out).collect::<Option<_>>()?),
-        Value::Mapping(m) => Out::Table(
-            m.iter().map(|(k, v)| Some((yaml::scalar(k)?, to_out(v)?))).collect::<Option<Vec<_>>>()?,
-        ),
+        Value::Mapping(m) => {
+            Out::Table(m.iter().map(|(k, v)| Some((yaml::scalar(k)?, to_out(v)?))).collect::<Option<Vec<_>>>()?)
+        }
         Value::Tagged(t) => to_out(&t.value)?,
         Value::Null => return None,
     })
@@ -466,14 +472,17 @@ fn find_template(name: &str, config: &Path, given: &[&Source]) -> Result<(PathBu
     }
     let dir = config.parent().unwrap_or(Path::new("."));
     let path = if Path::new(name).is_absolute() { PathBuf::from(name) } else { dir.join(name) };
-    std::fs::read_to_string(&path).map(|t| (path.clone(), t)).map_err(|e| {
-        format!("cannot read {} ({e}); give the template on the command line", path.display())
-    })
+    std::fs::read_to_string(&path)
+        .map(|t| (path.clone(), t))
+        .map_err(|e| format!("cannot read {} ({e}); give the template on the command line", path.display()))
 }
+
+/// (key, value, effect).
+type Taint = (String, String, String);
 
 /// Node labels and taints that k3s flags in the template set (`--node-label k=v`,
 /// `--node-taint k=v:Effect`, or `node-label:` / `node-taint:` lists in a k3s config file).
-fn scan_node_flags(text: &str) -> (BTreeMap<String, String>, Vec<(String, String, String)>) {
+fn scan_node_flags(text: &str) -> (BTreeMap<String, String>, Vec<Taint>) {
     let mut labels = BTreeMap::new();
     let mut taints = Vec::new();
     let mut add = |kind: &str, value: &str| {

@@ -286,7 +286,11 @@ fn render_value(v: &Value, secret: &dyn Fn(&str) -> String, top: bool) -> String
         Value::Integer(i) => i.to_string(),
         Value::Float(f) => {
             let s = f.to_string();
-            if s.contains('.') || s.contains('e') || s.contains("inf") || s.contains("NaN") { s } else { format!("{s}.0") }
+            if s.contains('.') || s.contains('e') || s.contains("inf") || s.contains("NaN") {
+                s
+            } else {
+                format!("{s}.0")
+            }
         }
         Value::Bool(b) => b.to_string(),
         Value::Array(items) => {
@@ -295,7 +299,8 @@ fn render_value(v: &Value, secret: &dyn Fn(&str) -> String, top: bool) -> String
         }
         Value::Table(items) if items.is_empty() => "{}".to_owned(),
         Value::Table(items) => {
-            let parts: Vec<_> = items.iter().map(|(k, v)| format!("{} = {}", key(k), render_value(v, secret, false))).collect();
+            let parts: Vec<_> =
+                items.iter().map(|(k, v)| format!("{} = {}", key(k), render_value(v, secret, false))).collect();
             format!("{{ {} }}", parts.join(", "))
         }
         Value::SecretEnv(var) => secret(var),

@@ -119,7 +119,8 @@ impl Inputs {
                         if v.contains('\n') && v.contains('=') {
                             self.add_python(&v, &format!("{where_} {k}"));
                         } else {
-                            self.env.insert(k.clone(), Found { value: PyValue::Str(v), origin: format!("{where_} {k}") });
+                            self.env
+                                .insert(k.clone(), Found { value: PyValue::Str(v), origin: format!("{where_} {k}") });
                         }
                     }
                 }
@@ -201,7 +202,9 @@ fn resolve(name: &str, inputs: &Inputs, overrides: &[(String, String)]) -> Optio
     if let Some((_, f)) = inputs.settings.iter().find(|(n, _)| n == name) {
         return Some(match &f.value {
             PyValue::Env { var, default } => match (inputs.env.get(var), default) {
-                (Some(e), _) => Resolved { value: e.value.clone(), origin: e.origin.clone(), env_var: Some(var.clone()) },
+                (Some(e), _) => {
+                    Resolved { value: e.value.clone(), origin: e.origin.clone(), env_var: Some(var.clone()) }
+                }
                 (None, Some(d)) => Resolved {
                     value: (**d).clone(),
                     origin: format!("{} (the default when {var} is unset)", f.origin),
@@ -217,7 +220,11 @@ fn resolve(name: &str, inputs: &Inputs, overrides: &[(String, String)]) -> Optio
         });
     }
     if let Some(e) = inputs.env.get(&name.to_ascii_uppercase()) {
-        return Some(Resolved { value: e.value.clone(), origin: e.origin.clone(), env_var: Some(name.to_ascii_uppercase()) });
+        return Some(Resolved {
+            value: e.value.clone(),
+            origin: e.origin.clone(),
+            env_var: Some(name.to_ascii_uppercase()),
+        });
     }
     let default = DEFAULTS.iter().find(|(n, _)| *n == name).and_then(|(_, d)| *d)?;
     Some(Resolved { value: PyValue::Str(default.to_owned()), origin: "the seed's default".into(), env_var: None })
@@ -385,7 +392,9 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
                     machine.set("ip_pool", pool.as_str(), Some("pxe_autoscaled_node_ip_pool"));
                     r.mapped("pxe_autoscaled_node_ip_pool", &format!("{machine_path}.ip_pool"));
                 }
-                None => problems.push(&sources_list, "pxe_autoscaled_node_ip_pool", "is required in manual network mode"),
+                None => {
+                    problems.push(&sources_list, "pxe_autoscaled_node_ip_pool", "is required in manual network mode")
+                }
             }
             let mask = get("pxe_autoscaled_node_ip_mask");
             match mask.as_ref().and_then(Resolved::number) {
@@ -399,7 +408,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
                         );
                     }
                 }
-                _ => problems.push(&sources_list, "pxe_autoscaled_node_ip_mask", format!("{} is not a prefix length (1-32)", show(mask.as_ref()))),
+                _ => problems.push(
+                    &sources_list,
+                    "pxe_autoscaled_node_ip_mask",
+                    format!("{} is not a prefix length (1-32)", show(mask.as_ref())),
+                ),
             }
             if let Some(g) = get("pxe_autoscaled_node_ip_gateway").and_then(|v| v.text()) {
                 machine.set("gateway", g.as_str(), Some("pxe_autoscaled_node_ip_gateway"));
@@ -450,7 +463,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     );
     if !label.is_empty() {
         let t = doc.root.table(&format!("{group_path}.template"));
-        t.set("labels", Out::Table(vec![(label.clone(), "true".into())]), Some("node_group_label: the seed labelled every node it added <label>=true"));
+        t.set(
+            "labels",
+            Out::Table(vec![(label.clone(), "true".into())]),
+            Some("node_group_label: the seed labelled every node it added <label>=true"),
+        );
         r.mapped("node_group_label", &format!("{group_path}.template.labels"));
     }
     r.note(
@@ -483,8 +500,15 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         match v.number() {
             Some(pct) if (0.0..=100.0).contains(&pct) => {
                 let t = (pct * 10.0).round() / 1000.0;
-                options.push(("scale_down_utilization_threshold", Out::Float(t), from("scale_down_utilization_threshold", Some(&v))));
-                r.mapped("scale_down_utilization_threshold", &format!("{group_path}.options.scale_down_utilization_threshold"));
+                options.push((
+                    "scale_down_utilization_threshold",
+                    Out::Float(t),
+                    from("scale_down_utilization_threshold", Some(&v)),
+                ));
+                r.mapped(
+                    "scale_down_utilization_threshold",
+                    &format!("{group_path}.options.scale_down_utilization_threshold"),
+                );
                 if pct > 0.0 && pct <= 1.0 {
                     r.note(format!(
                         "scale_down_utilization_threshold = {pct}: the seed reads it as a percentage, so a node \
@@ -494,7 +518,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
                     ));
                 }
             }
-            _ => problems.push(&sources_list, "scale_down_utilization_threshold", format!("{} is not a percentage", v.value.show())),
+            _ => problems.push(
+                &sources_list,
+                "scale_down_utilization_threshold",
+                format!("{} is not a percentage", v.value.show()),
+            ),
         }
     }
     for (key, flag) in [
@@ -507,7 +535,10 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
             r.flag(&from_key(key, &v), flag, &super::go_duration(s));
         }
     }
-    for (key, flag) in [("max_total_unready_percentage", "max-total-unready-percentage"), ("ok_total_unready_count", "ok-total-unready-count")] {
+    for (key, flag) in [
+        ("max_total_unready_percentage", "max-total-unready-percentage"),
+        ("ok_total_unready_count", "ok-total-unready-count"),
+    ] {
         if let Some(v) = get(key) {
             match v.number() {
                 Some(n) if n >= 0.0 => r.flag(&from_key(key, &v), flag, &n.to_string()),

@@ -19,7 +19,10 @@ pub enum PyValue {
     List(Vec<PyValue>),
     /// Read from environment variable `var` at start-up, `default` when it is unset (none:
     /// the seed fails to start without it).
-    Env { var: String, default: Option<Box<PyValue>> },
+    Env {
+        var: String,
+        default: Option<Box<PyValue>>,
+    },
     /// An expression this reader does not evaluate (its source text).
     Unknown(String),
 }
@@ -284,7 +287,9 @@ mod tests {
             value(&s, "pxe_host"),
             PyValue::Env { var: "PXE_HOST".into(), default: Some(Box::new(PyValue::Str("10.10.10.10".into()))) }
         );
-        assert!(matches!(value(&s, "pxe_password"), PyValue::Env { ref var, default: Some(_) } if var == "PXE_PASSWORD"));
+        assert!(
+            matches!(value(&s, "pxe_password"), PyValue::Env { ref var, default: Some(_) } if var == "PXE_PASSWORD")
+        );
         assert_eq!(value(&s, "pxe_autoscaled_node_ip_mask"), PyValue::Str("24".into()));
         assert_eq!(value(&s, "max_size"), PyValue::Int(6));
         assert_eq!(value(&s, "scale"), PyValue::Float(0.5));

@@ -23,7 +23,14 @@ const GLOBAL_KEYS: &[&str] = &["k3s-url", "k3s-token", "ca-bundle", "default-min
 const GROUP_KEYS: &[&str] = &["slicer-url", "slicer-token", "min-size", "max-size", "arch"];
 
 /// The last value of each key (gcfg: a repeated single-valued key keeps its last value).
-fn values(section: &Section, known: &[&str], where_: &str, file: &str, p: &mut Problems, r: &mut Report) -> BTreeMap<String, String> {
+fn values(
+    section: &Section,
+    known: &[&str],
+    where_: &str,
+    file: &str,
+    p: &mut Problems,
+    r: &mut Report,
+) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for var in &section.vars {
         let key = format!("{where_} {}", var.name);
@@ -49,7 +56,10 @@ fn values(section: &Section, known: &[&str], where_: &str, file: &str, p: &mut P
             ));
         }
         if out.insert(var.name.clone(), value.clone()).is_some() {
-            r.note(format!("{key} is given more than once; like the provider, the import keeps the last (line {}).", var.line));
+            r.note(format!(
+                "{key} is given more than once; like the provider, the import keeps the last (line {}).",
+                var.line
+            ));
         }
     }
     out
@@ -71,7 +81,9 @@ fn is_host_group(name: &str) -> bool {
 
 pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     let [source] = sources else {
-        return Err(Error::Usage("the slicer import reads one file: the cloud-config (or the Secret holding it)".into()));
+        return Err(Error::Usage(
+            "the slicer import reads one file: the cloud-config (or the Secret holding it)".into(),
+        ));
     };
     let (text, file) = super::cloud_config_text(source).map_err(|p| Error::Input(vec![p]))?;
     let sections = gcfg::parse(&text).map_err(|e| {
@@ -94,7 +106,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
     let global = sections.iter().find(|s| s.name == "global" && s.sub.is_none()).unwrap_or(&empty);
     for s in &sections {
         if !matches!((s.name.as_str(), &s.sub), ("global", None) | ("nodegroup", Some(_))) {
-            p.push(&file, &format!("[{}]", s.name), "not a section of the Slicer provider (it has [global] and [nodegroup \"NAME\"])");
+            p.push(
+                &file,
+                &format!("[{}]", s.name),
+                "not a section of the Slicer provider (it has [global] and [nodegroup \"NAME\"])",
+            );
         }
     }
     let g = values(global, GLOBAL_KEYS, "[global]", &file, &mut p, &mut r);
@@ -109,14 +125,24 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
 
     let k3s_url = g.get("k3s-url").filter(|u| !u.is_empty()).cloned();
     match &k3s_url {
-        None => p.push(&file, "[global] k3s-url", "is required (the provider: \"K3S URL not configured\"): the k3s server agents join"),
-        Some(u) if !u.starts_with("https://") => {
-            p.push(&file, "[global] k3s-url", format!("{u:?} must be an https:// URL (k3s's install script refuses anything else)"))
-        }
+        None => p.push(
+            &file,
+            "[global] k3s-url",
+            "is required (the provider: \"K3S URL not configured\"): the k3s server agents join",
+        ),
+        Some(u) if !u.starts_with("https://") => p.push(
+            &file,
+            "[global] k3s-url",
+            format!("{u:?} must be an https:// URL (k3s's install script refuses anything else)"),
+        ),
         Some(_) => {}
     }
     if g.get("k3s-token").is_none_or(String::is_empty) {
-        p.push(&file, "[global] k3s-token", "is required (the provider: \"K3S token not configured\"): the k3s join token");
+        p.push(
+            &file,
+            "[global] k3s-token",
+            "is required (the provider: \"K3S token not configured\"): the k3s join token",
+        );
     }
     let ca_bundle = req
         .overrides
@@ -167,7 +193,11 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
             continue;
         }
         let Some(url) = v.get("slicer-url").filter(|u| !u.is_empty()).cloned() else {
-            p.push(&file, &format!("{where_} slicer-url"), "is required: the Slicer API of this host group (the provider did not check it, and every call failed)");
+            p.push(
+                &file,
+                &format!("{where_} slicer-url"),
+                "is required: the Slicer API of this host group (the provider did not check it, and every call failed)",
+            );
             continue;
         };
         let token = v.get("slicer-token").filter(|t| !t.is_empty()).cloned();
@@ -200,13 +230,24 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         };
         let (min, max) = (size("min-size", default_min, &mut p), size("max-size", default_max, &mut p));
         if min < 0 {
-            p.push(&file, &format!("{where_} min-size"), format!("{min} is negative (the provider let it through; a group cannot be smaller than empty)"));
+            p.push(
+                &file,
+                &format!("{where_} min-size"),
+                format!("{min} is negative (the provider let it through; a group cannot be smaller than empty)"),
+            );
         } else if min > max {
-            p.push(&file, &format!("{where_} max-size"), format!("{max} is below min-size {min} (the provider refuses it too)"));
+            p.push(
+                &file,
+                &format!("{where_} max-size"),
+                format!("{max} is below min-size {min} (the provider refuses it too)"),
+            );
         }
         for key in ["min-size", "max-size"] {
             if v.contains_key(key) {
-                r.mapped(&format!("{where_} {key}"), &format!("groups.{}.{}", super::dns_label(&hg), key.replace('-', "_")));
+                r.mapped(
+                    &format!("{where_} {key}"),
+                    &format!("groups.{}.{}", super::dns_label(&hg), key.replace('-', "_")),
+                );
             }
         }
         group_tables.push((hg, cloud, min, max, v.get("arch").cloned()));
@@ -245,13 +286,22 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         if let Some(u) = &k3s_url {
             c.set("k3s_url", u.as_str(), Some("[global] k3s-url"));
         }
-        c.set("k3s_token", Out::SecretEnv("K3S_TOKEN".into()), Some("[global] k3s-token (stored once as a Slicer secret, never put in userdata)"));
+        c.set(
+            "k3s_token",
+            Out::SecretEnv("K3S_TOKEN".into()),
+            Some("[global] k3s-token (stored once as a Slicer secret, never put in userdata)"),
+        );
     }
     if k3s_url.is_some() {
         r.mapped("[global] k3s-url", "clouds.*.k3s_url");
     }
     if g.get("k3s-token").is_some_and(|t| !t.is_empty()) {
-        r.secret("[global] k3s-token", "K3S_TOKEN", "clouds.*.k3s_token", &format!("the k3s join token: [global] k3s-token in {file}"));
+        r.secret(
+            "[global] k3s-token",
+            "K3S_TOKEN",
+            "clouds.*.k3s_token",
+            &format!("the k3s join token: [global] k3s-token in {file}"),
+        );
     }
     if ca_bundle.is_some() {
         r.mapped("[global] ca-bundle", "clouds.*.ca_file");
@@ -266,12 +316,19 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         t.set("min_size", min, None);
         t.set("max_size", max, None);
         if name != hg {
-            doc.root.table(&format!("{path}.machine")).set("host_group", hg.as_str(), Some("The Slicer host group (longer than a group name may be)."));
+            doc.root.table(&format!("{path}.machine")).set(
+                "host_group",
+                hg.as_str(),
+                Some("The Slicer host group (longer than a group name may be)."),
+            );
         }
         let tmpl = doc.root.table(&format!("{path}.template"));
         tmpl.set(
             "labels",
-            Out::Table(vec![("slicer/hostgroup".into(), hg.as_str().into()), ("k3sup.dev/node-type".into(), "agent".into())]),
+            Out::Table(vec![
+                ("slicer/hostgroup".into(), hg.as_str().into()),
+                ("k3sup.dev/node-type".into(), "agent".into()),
+            ]),
             Some("The labels the provider's agents registered with (workloads may select them)."),
         );
         if let Some(arch) = arch {
