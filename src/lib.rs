@@ -118,6 +118,21 @@ pub fn load(path: Option<&std::path::Path>) -> Result<(Config, Vec<SharedDriver>
     if problems.is_empty() { Ok((config, drivers)) } else { Err(problems) }
 }
 
+/// Contacts every cloud once (`check-config --probe`): credentials, and whatever each driver
+/// can check of its groups there. A cloud that does not answer within a minute is a problem.
+pub async fn probe(config: &Config, drivers: &[SharedDriver]) -> config::Problems {
+    let mut problems = config::Problems::new(config.source.clone(), config.base_dir.clone());
+    for (cloud, driver) in config.clouds.iter().zip(drivers) {
+        let path = format!("clouds.{}", cloud.name);
+        match tokio::time::timeout(std::time::Duration::from_secs(60), driver.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => problems.push(path, e.to_string()),
+            Err(_) => problems.push(path, "no answer within 60s"),
+        }
+    }
+    problems
+}
+
 /// Builds the drivers the configuration names.
 pub fn build_drivers(config: &Config) -> Result<Vec<SharedDriver>, config::Problems> {
     let mut problems = config::Problems::new(config.source.clone(), config.base_dir.clone());
