@@ -970,3 +970,27 @@ async fn a_quota_error_has_one_code_whether_nova_refuses_the_create_or_fails_the
     assert_eq!((failed.class, failed.code.as_str()), (refused.class, refused.code.as_str()));
     fake.assert_clean();
 }
+
+#[tokio::test]
+async fn a_delete_whose_answer_was_lost_is_sent_again_and_counts_as_done() {
+    let fake = Fake::start().await;
+    let driver = driver_of(&config_text(&fake, "", PLAIN_MACHINE));
+    let m = driver.create("workers", "dev-cluster-workers-aaaaa").await.unwrap();
+    let path = format!("/compute/v2.1/servers/{}", m.id);
+    fake.lose_next_answer(Method::DELETE, &path, 504, json!("504 Gateway Time-out"));
+    let done = driver.delete(&MachineRef::from(&m)).await;
+    // Nova deleted it the first time; the repeat finds it gone, which the core counts as done.
+    assert!(matches!(done, Ok(()) | Err(Error::NotFound(_))), "{done:?}");
+    assert!(fake.servers().is_empty());
+    assert_eq!(fake.count(Method::DELETE, &m.id), 2);
+    // A create is never sent twice, whatever its answer.
+    fake.lose_next_answer(
+        Method::POST,
+        "/compute/v2.1/servers",
+        503,
+        json!({"computeFault": {"code": 503, "message": "Service Unavailable"}}),
+    );
+    driver.create("workers", "dev-cluster-workers-bbbbb").await.unwrap_err();
+    assert_eq!(fake.count(Method::POST, "/compute/v2.1/servers"), 2, "one create each, no repeat");
+    fake.assert_clean();
+}

@@ -100,13 +100,16 @@ pub enum Discovery {
     OnlyV2,
 }
 
-/// An answer queued for the next request matching `method` and `path`.
+/// An answer queued for the next request matching `method` and `path`: the fault hook. New
+/// kinds of fault are new fields here and a branch in `handle`.
 struct Injected {
     method: Method,
     path: String,
     status: u16,
     body: Value,
     headers: Vec<(&'static str, String)>,
+    /// Act on the request first (the cloud did it), then answer this: a lost response.
+    act_first: bool,
 }
 
 struct Inner {
@@ -281,7 +284,20 @@ impl Fake {
         body: Value,
         headers: Vec<(&'static str, String)>,
     ) {
-        self.lock().injected.push(Injected { method, path: path.to_owned(), status, body, headers });
+        self.lock().injected.push(Injected { method, path: path.to_owned(), status, body, headers, act_first: false });
+    }
+
+    /// Carries out the next request `method path`, then answers `status` and `body` instead of
+    /// its result, as a proxy that timed out after Nova acted would.
+    pub fn lose_next_answer(&self, method: Method, path: &str, status: u16, body: Value) {
+        self.lock().injected.push(Injected {
+            method,
+            path: path.to_owned(),
+            status,
+            body,
+            headers: Vec::new(),
+            act_first: true,
+        });
     }
 
     /// Keystone forgets every token it issued (as after a revocation).
@@ -911,6 +927,9 @@ async fn handle(
             unauthorized()
         } else if let Some(pos) = i.injected.iter().position(|f| f.method == method && f.path == path) {
             let f = i.injected.remove(pos);
+            if f.act_first {
+                i.route(&method, &path, &query, json_body.as_ref());
+            }
             let mut r = (StatusCode::from_u16(f.status).unwrap(), axum::Json(f.body)).into_response();
             for (k, v) in f.headers {
                 r.headers_mut().insert(k, HeaderValue::from_str(&v).unwrap());
