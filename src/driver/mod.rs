@@ -30,6 +30,7 @@ pub mod metered;
 pub mod openstack;
 pub mod proxmox;
 pub mod simulated;
+pub mod slicer;
 
 /// One machine as the cloud reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +97,8 @@ pub struct Shape {
     pub ephemeral_storage_bytes: Option<u64>,
     pub gpus: Option<u64>,
     pub instance_type: Option<String>,
+    /// `kubernetes.io/arch` of the machines (`amd64`, `arm64`), when the cloud knows it.
+    pub arch: Option<String>,
 }
 
 /// A machine the core asks a driver to delete.
@@ -256,6 +259,8 @@ pub const KINDS: &[Kind] = &[
     // What the OpenStack cloud controller manager sets.
     Kind { name: "openstack", default_provider_id: "openstack:///{id}", build: openstack::build },
     Kind { name: "proxmox", default_provider_id: "proxmox://{region}/{id}", build: proxmox::build },
+    // What the agent registers (its kubelet gets it): the node is named after the VM's hostname.
+    Kind { name: "slicer", default_provider_id: "k3s://{id}", build: slicer::build },
 ];
 
 /// The row of driver `name`.

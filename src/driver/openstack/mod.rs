@@ -791,6 +791,7 @@ impl Driver for OpenStack {
             ephemeral_storage_bytes: (disk_gib > 0).then_some(disk_gib << 30),
             gpus: (r.gpus > 0).then_some(r.gpus),
             instance_type: Some(r.flavor.name.clone()),
+            arch: None,
         }))
     }
 
