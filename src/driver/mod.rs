@@ -62,7 +62,10 @@ pub enum MachineState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CreateFailure {
     pub class: ErrorClass,
-    /// A short machine-readable code, e.g. `QUOTA_EXCEEDED`.
+    /// A short machine-readable code: the error class for a failed create call
+    /// (`OUT_OF_RESOURCES`, `INVALID_REQUEST`, ...), the same code for the same cause when the
+    /// cloud fails a machine later, or a cloud's own verdict with no create-call counterpart
+    /// (`NO_VALID_HOST`, `INTERRUPTED`).
     pub code: String,
     pub message: String,
 }
