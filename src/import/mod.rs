@@ -280,7 +280,11 @@ pub fn verify(import: &Import, output_dir: &Path) -> Result<(), crate::config::P
 pub struct Args {
     /// The system to import from.
     pub kind: Kind,
-    /// Its configuration files (see `flotilla import --help` and docs/migrating.md).
+    /// Its configuration files. kamatera, slicer: the INI cloud-config, or the Secret manifest
+    /// holding it. openstack: the config YAML and the credentials file (or a clouds.yaml); the
+    /// Butane template is found next to the config or given too. proxmox: settings.py, the
+    /// manifest that mounts it, or the same keys as YAML or an env file. docker: config.yaml.
+    /// Every key and where it goes: docs/migrating.md.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Write the configuration here instead of to standard output (the report then goes to
