@@ -17,20 +17,14 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::{sync::Mutex, time::Instant};
 
-use crate::config::Secret;
+use crate::{config::Secret, driver::http};
 
 /// Problems with authentication.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Keystone answered with an error status.
-    #[error("keystone answered {status}: {message}")]
-    Keystone { status: u16, message: String },
-    #[error("cannot reach keystone at {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// Keystone could not be reached or answered with an error status.
+    #[error(transparent)]
+    Keystone(#[from] http::Error),
     #[error("keystone's token response is malformed: {0}")]
     Malformed(String),
     #[error("the service catalog has no {service} endpoint for interface {interface}{}", region.as_ref().map(|r| format!(" in region {r}")).unwrap_or_default())]
@@ -321,7 +315,7 @@ const MAX_RENEW_MARGIN: Duration = Duration::from_secs(300);
 /// issue); `invalidate()` clears it when a service answered 401.
 #[derive(Debug)]
 pub struct Session {
-    http: reqwest::Client,
+    http: http::Client,
     credentials: Credentials,
     cached: Mutex<Option<Arc<Token>>>,
 }
@@ -341,7 +335,7 @@ struct TokenFields {
 }
 
 impl Session {
-    pub fn new(http: reqwest::Client, credentials: Credentials) -> Session {
+    pub fn new(http: http::Client, credentials: Credentials) -> Session {
         Session { http, credentials, cached: Mutex::new(None) }
     }
 
@@ -372,26 +366,21 @@ impl Session {
 
     async fn issue(&self) -> Result<Token, Error> {
         let url = format!("{}/auth/tokens", self.credentials.auth_url);
+        // Issuing a token changes nothing a repeat could double: safe to retry.
         let response = self
             .http
             .post(&url)
+            .label(format!("keystone at {url}"))
             .json(&self.credentials.token_request())
+            .idempotent()
             .send()
-            .await
-            .map_err(|source| Error::Transport { url: url.clone(), source })?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            return Err(Error::Keystone { status: status.as_u16(), message: super::api::error_message(&text) });
-        }
+            .await?;
         let value = response
-            .headers()
-            .get("X-Subject-Token")
-            .and_then(|v| v.to_str().ok())
+            .header("X-Subject-Token")
             .map(str::to_owned)
             .ok_or_else(|| Error::Malformed("no X-Subject-Token header".into()))?;
         let body: TokenBody =
-            response.json().await.map_err(|e| Error::Malformed(format!("cannot decode the token body: {e}")))?;
+            response.json().map_err(|e| Error::Malformed(format!("cannot decode the token body: {e}")))?;
         let expires = parse_time(&body.token.expires_at)?;
         let issued = match &body.token.issued_at {
             Some(t) => parse_time(t)?,

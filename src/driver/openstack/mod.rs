@@ -41,7 +41,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape};
+use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape, http};
 use crate::config::{Problems, Section};
 
 pub mod api;
@@ -68,6 +68,8 @@ pub struct CloudSettings {
     pub region: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub insecure: bool,
+    /// `http://` to a host that is not loopback: an explicit opt-in.
+    pub allow_plain_http: bool,
     pub request_timeout: Duration,
     pub page_size: u32,
 }
@@ -98,6 +100,7 @@ impl CloudSettings {
         let interface = s.string("interface", p);
         let ca_file = s.string("ca_file", p).map(|f| p.resolve(&f));
         let insecure = s.boolean("insecure", p);
+        let allow_plain_http = s.boolean("allow_plain_http", p).unwrap_or(false);
         let request_timeout = s.duration("request_timeout", p).unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let page_size = s.integer::<u32>("page_size", p).unwrap_or(DEFAULT_PAGE_SIZE);
         if page_size == 0 {
@@ -173,6 +176,7 @@ impl CloudSettings {
             region: region_name.or_else(|| credentials.region.clone()),
             ca_file: ca_file.or_else(|| credentials.ca_file.as_ref().map(|f| p.resolve(f))),
             insecure: insecure.unwrap_or(credentials.insecure),
+            allow_plain_http,
             request_timeout,
             page_size: page_size.max(1),
             credentials,
@@ -383,10 +387,10 @@ pub enum BuildError {
     CaCert {
         path: PathBuf,
         #[source]
-        source: reqwest::Error,
+        source: http::tls::Error,
     },
     #[error("cannot build the HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
+    Client(String),
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -413,30 +417,51 @@ pub fn gpus_of(extra_specs: &BTreeMap<String, String>) -> u64 {
     n
 }
 
+/// The OpenStack driver's [`Constructor`](super::Constructor).
+pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<super::SharedDriver> {
+    let settings = CloudSettings::parse(&mut setup.section, p);
+    let mut groups = Vec::new();
+    for g in &mut setup.groups {
+        if let Some(s) = GroupSettings::parse(setup.cluster, &g.config.name, &mut g.machine, p) {
+            groups.push((g.config.name.clone(), s));
+        }
+    }
+    if groups.len() != setup.groups.len() {
+        return None;
+    }
+    match OpenStack::new(setup.cluster, settings?, groups) {
+        Ok(d) => Some(std::sync::Arc::new(d)),
+        Err(e) => {
+            p.push(setup.section.path(), e.to_string());
+            None
+        }
+    }
+}
+
 impl OpenStack {
     pub fn new(
         cluster: &str,
         settings: CloudSettings,
         groups: Vec<(String, GroupSettings)>,
     ) -> Result<OpenStack, BuildError> {
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
+        let trust = if settings.insecure {
+            tracing::warn!("TLS certificate verification is off for this OpenStack cloud (insecure = true)");
+            http::Trust::Insecure
+        } else if let Some(path) = &settings.ca_file {
+            let pem = std::fs::read(path).map_err(|source| BuildError::CaFile { path: path.clone(), source })?;
+            http::Trust::CaPem(pem)
+        } else {
+            http::Trust::PublicRoots
+        };
+        let client_settings = http::Settings::new(trust)
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path).map_err(|source| BuildError::CaFile { path: path.clone(), source })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|source| BuildError::CaCert { path: path.clone(), source })?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        if settings.insecure {
-            tracing::warn!("TLS certificate verification is off for this OpenStack cloud (insecure = true)");
-            builder = builder.danger_accept_invalid_certs(true);
-        }
-        let http = builder.build().map_err(BuildError::Client)?;
+            .allow_plain_http(settings.allow_plain_http)
+            .classify(api::classify);
+        let http = http::Client::new(client_settings).map_err(|e| match (e, &settings.ca_file) {
+            (http::BuildError::Tls(source), Some(path)) => BuildError::CaCert { path: path.clone(), source },
+            (e, _) => BuildError::Client(e.to_string()),
+        })?;
         let session = auth::Session::new(http.clone(), settings.credentials);
         let api = Api::new(http, session, settings.interface, settings.region, settings.page_size);
         let resolved = groups.iter().map(|(g, _)| (g.clone(), OnceCell::new())).collect();
@@ -583,7 +608,8 @@ impl OpenStack {
     async fn delete_ports(&self, name: &str, ids: &[String]) {
         for id in ids {
             match self.api.delete_port(id).await {
-                Ok(()) | Err(api::Error::Status { status: 404, .. }) => {}
+                Ok(()) => {}
+                Err(e) if e.status() == Some(404) => {}
                 Err(e) => {
                     tracing::warn!(%name, port = %id, error = %e, "cannot delete a port made for this machine; it is left behind")
                 }
@@ -695,9 +721,7 @@ impl Driver for OpenStack {
             Ok(id) => Ok(Machine { group: group.to_owned(), name: name.to_owned(), id, state: MachineState::Creating }),
             Err(e) => {
                 // Nova may have made the server although its answer never came back.
-                if matches!(e, api::Error::Timeout { .. } | api::Error::Transport { .. })
-                    || matches!(e, api::Error::Status { status, .. } if status >= 500)
-                {
+                if matches!(&e, api::Error::Http(h) if h.may_have_acted()) {
                     self.clean_up_lost_create(group, name).await;
                 }
                 self.delete_ports(name, &port_ids).await;

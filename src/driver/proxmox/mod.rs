@@ -47,12 +47,11 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape};
+use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape, http};
 use crate::config::{Problems, Section};
 
 pub mod api;
 pub mod ippool;
-pub mod tls;
 
 use api::{Api, Auth};
 use ippool::IpPool;
@@ -68,7 +67,9 @@ pub struct CloudSettings {
     /// `https://pve.example:8006` (the `/api2/json` suffix is added).
     pub url: String,
     pub auth: Auth,
-    pub trust: tls::Trust,
+    pub trust: http::Trust,
+    /// `http://` to a host that is not loopback: an explicit opt-in.
+    pub allow_plain_http: bool,
     /// Nodes VMs may be placed on; empty: every online node.
     pub nodes: Vec<String>,
     pub vmid_range: Option<(u32, u32)>,
@@ -111,11 +112,13 @@ fn is_tag_safe(s: &str) -> bool {
 impl CloudSettings {
     pub fn parse(s: &mut Section<'_>, p: &mut Problems) -> Option<CloudSettings> {
         let url = s.required_string("url", p);
-        if let Some(u) = &url {
-            let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"].iter().any(|l| u.starts_with(l));
-            if !u.starts_with("https://") && !loopback {
-                p.push(s.key_path("url"), "must be https:// (plain http only to a loopback address)");
-            }
+        let allow_plain_http = s.boolean("allow_plain_http", p).unwrap_or(false);
+        if let Some(u) = &url
+            && let Err(e) = http::check_url(u, allow_plain_http)
+        {
+            let hint =
+                if matches!(e, http::UrlError::PlainHttp { .. }) { " (allow_plain_http = true opts in)" } else { "" };
+            p.push(s.key_path("url"), format!("{e}{hint}"));
         }
         let token_mode = s.contains("token_id") || s.contains("token_secret");
         let password_mode = s.contains("username") || s.contains("password");
@@ -158,20 +161,20 @@ impl CloudSettings {
                 None
             }
             (Some(file), None) => match std::fs::read(p.resolve(&file)) {
-                Ok(pem) => Some(tls::Trust::CaPem(pem)),
+                Ok(pem) => Some(http::Trust::CaPem(pem)),
                 Err(e) => {
                     p.push(s.key_path("ca_file"), format!("cannot read {file}: {e}"));
                     None
                 }
             },
-            (None, Some(fp)) => match tls::parse_fingerprint(&fp) {
-                Some(pin) => Some(tls::Trust::Fingerprint(pin)),
+            (None, Some(fp)) => match http::tls::parse_fingerprint(&fp) {
+                Some(pin) => Some(http::Trust::Fingerprint(pin)),
                 None => {
                     p.push(s.key_path("tls_fingerprint"), "must be a SHA-256 fingerprint (64 hex digits, ':' allowed)");
                     None
                 }
             },
-            (None, None) => Some(tls::Trust::PublicRoots),
+            (None, None) => Some(http::Trust::PublicRoots),
         };
         let nodes = s.string_list("nodes", p);
         let vmid_min: Option<u32> = s.integer("vmid_min", p);
@@ -191,6 +194,7 @@ impl CloudSettings {
             url: url?,
             auth: auth?,
             trust: trust?,
+            allow_plain_http,
             nodes,
             vmid_range,
             task_timeout,
@@ -405,20 +409,40 @@ impl Drop for CreateGuard<'_> {
     }
 }
 
+/// The Proxmox driver's [`Constructor`](super::Constructor).
+pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<super::SharedDriver> {
+    let cloud = CloudSettings::parse(&mut setup.section, p);
+    let mut groups = HashMap::new();
+    let mut prefixes = Vec::new();
+    for g in &mut setup.groups {
+        if let Some(s) = GroupSettings::parse(&g.config.name, &mut g.machine, p) {
+            groups.insert(g.config.name.clone(), s);
+        }
+        prefixes.push((g.config.name.clone(), g.config.name_prefix.clone()));
+    }
+    match Proxmox::new(setup.cluster, cloud?, groups, prefixes) {
+        Ok(d) => Some(std::sync::Arc::new(d)),
+        Err(e) => {
+            p.push(setup.section.key_path("ca_file"), format!("cannot set up TLS: {e}"));
+            None
+        }
+    }
+}
+
 impl Proxmox {
     pub fn new(
         cluster: &str,
         cloud: CloudSettings,
         groups: HashMap<String, GroupSettings>,
         name_prefixes: Vec<(String, String)>,
-    ) -> Result<Proxmox, tls::Error> {
-        let tls = tls::client_config(&cloud.trust)?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .connect_timeout(Duration::from_secs(10))
+    ) -> Result<Proxmox, http::BuildError> {
+        let settings = http::Settings::new(cloud.trust.clone())
             .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| tls::Error::Pem(e.to_string()))?;
+            .connect_timeout(Duration::from_secs(10))
+            .allow_plain_http(cloud.allow_plain_http)
+            .classify(api::classify)
+            .error_message(api::error_message);
+        let http = http::Client::new(settings)?;
         let base = format!("{}/api2/json", cloud.url.trim_end_matches('/'));
         let api = Api::new(http, base, cloud.auth.clone(), cloud.poll_interval);
         Ok(Proxmox {
@@ -866,7 +890,8 @@ impl Driver for Proxmox {
     }
 
     async fn list(&self) -> Result<Vec<Machine>> {
-        let vms: Vec<Vm> = self.resources(Some("vm")).await?.iter().filter_map(Vm::from_json).collect();
+        let data = self.api.list("/cluster/resources", &[("type", "vm".to_owned())]).await?;
+        let vms: Vec<Vm> = data.as_array().into_iter().flatten().filter_map(Vm::from_json).collect();
         let in_flight = lock(&self.reservations).names.clone();
         let owned = self.owned(&vms).await?;
         Ok(owned
