@@ -199,7 +199,8 @@ impl Api {
         let rows = array(v, WHAT)?;
         rows.into_iter()
             .map(|row| {
-                let name = row.get("name").and_then(Value::as_str).ok_or_else(|| shape(WHAT, "a server without a name"))?;
+                let name =
+                    row.get("name").and_then(Value::as_str).ok_or_else(|| shape(WHAT, "a server without a name"))?;
                 let power = row.get("power").and_then(Value::as_str).unwrap_or_default();
                 let id = row.get("id").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
                 Ok(ServerRow { id, name: name.to_owned(), power_on: power == "on" })
@@ -210,16 +211,15 @@ impl Api {
     /// A server's tag names: `POST /server/tags`.
     pub async fn server_tags(&self, server: &ServerRow) -> Result<Vec<String>> {
         const WHAT: &str = "POST /server/tags";
-        let r = self
-            .call(reqwest::Method::POST, "/server/tags", WHAT)
-            .json(&server.target())
-            .idempotent()
-            .send()
-            .await?;
+        let r =
+            self.call(reqwest::Method::POST, "/server/tags", WHAT).json(&server.target()).idempotent().send().await?;
         let rows = array(r.json()?, WHAT)?;
         rows.iter()
             .map(|row| {
-                row.get("tagName").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| shape(WHAT, "a tag without tagName"))
+                row.get("tagName")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| shape(WHAT, "a tag without tagName"))
             })
             .collect()
     }
@@ -238,7 +238,9 @@ impl Api {
         let v: Value = r.json()?;
         // `{"commandIds": [...], "password": ...}` when the password was `__generate__`.
         let ids = match v {
-            Value::Object(mut m) => m.remove("commandIds").ok_or_else(|| shape(WHAT, "an object without commandIds"))?,
+            Value::Object(mut m) => {
+                m.remove("commandIds").ok_or_else(|| shape(WHAT, "an object without commandIds"))?
+            }
             other => other,
         };
         command_id(&ids).ok_or_else(|| shape(WHAT, "no command id"))
@@ -265,19 +267,16 @@ impl Api {
         } else {
             ("/service/server/poweroff", "POST /service/server/poweroff")
         };
-        let r = self
-            .call(reqwest::Method::POST, path, what)
-            .json(&server.target())
-            .retry(http::Retry::NONE)
-            .send()
-            .await?;
+        let r =
+            self.call(reqwest::Method::POST, path, what).json(&server.target()).retry(http::Retry::NONE).send().await?;
         command_id(&r.json()?).ok_or_else(|| shape(what, "no command id"))
     }
 
     /// Where a command is: `GET /service/queue?id=`.
     pub async fn command(&self, id: &str) -> Result<CommandState> {
         const WHAT: &str = "GET /service/queue";
-        let r = self.call(reqwest::Method::GET, "/service/queue", WHAT).query(&[("id", id)]).idempotent().send().await?;
+        let r =
+            self.call(reqwest::Method::GET, "/service/queue", WHAT).query(&[("id", id)]).idempotent().send().await?;
         let rows = array(r.json()?, WHAT)?;
         let row = match rows.as_slice() {
             [] => return Ok(CommandState::Unknown),
@@ -287,7 +286,9 @@ impl Api {
         let status = row.get("status").and_then(Value::as_str).unwrap_or_default();
         Ok(match status {
             "complete" => CommandState::Complete,
-            "error" => CommandState::Failed(row.get("log").and_then(Value::as_str).unwrap_or_default().trim().to_owned()),
+            "error" => {
+                CommandState::Failed(row.get("log").and_then(Value::as_str).unwrap_or_default().trim().to_owned())
+            }
             other => CommandState::Running(other.to_owned()),
         })
     }
@@ -394,7 +395,10 @@ mod tests {
             driver::Error::OutOfResources(_)
         ));
         assert!(matches!(classify(&status(500, "No servers found (name='x')", "{}")), driver::Error::NotFound(_)));
-        assert!(matches!(classify(&status(400, "missing required flag (name)", "{}")), driver::Error::InvalidRequest(_)));
+        assert!(matches!(
+            classify(&status(400, "missing required flag (name)", "{}")),
+            driver::Error::InvalidRequest(_)
+        ));
         assert!(matches!(classify(&status(502, "Bad Gateway", "<html>")), driver::Error::Unavailable(_)));
         let relayed = Error::Http(status(500, "boom", r#"{"json_decode_error":null,"message":"boom"}"#));
         assert!(!relayed.may_have_created(), "a relayed backend refusal made nothing");

@@ -88,6 +88,9 @@ struct Creating {
     /// Unknown while the create call is out, or when its answer was lost and only the server
     /// was found.
     command: Option<String>,
+    /// Kamatera took it (the call answered, or its server or command was found). Until then a
+    /// listing must not report it: the core would take it for a machine the cloud holds.
+    accepted: bool,
 }
 
 /// What the driver remembers between calls. Written by `list`, `create` and `delete`; every
@@ -168,7 +171,8 @@ fn from_setup(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<Kam
                 ),
             );
         }
-        let Some(s) = GroupSettings::build(setup.cluster, g.config, &mut g.machine, &defaults, &defaults_path, p) else {
+        let Some(s) = GroupSettings::build(setup.cluster, g.config, &mut g.machine, &defaults, &defaults_path, p)
+        else {
             continue;
         };
         if let Some(other) = tags.insert(s.group_tag.clone(), g.config.name.clone()) {
@@ -259,8 +263,13 @@ impl Kamatera {
                 super::GroupSetup { config: g, machine: Section::new(format!("groups.{}.machine", g.name), machine) }
             })
             .collect();
-        let mut setup =
-            super::CloudSetup { cluster: &config.cluster_name, cloud: c, section, groups, gpu_label: &config.gpu.label };
+        let mut setup = super::CloudSetup {
+            cluster: &config.cluster_name,
+            cloud: c,
+            section,
+            groups,
+            gpu_label: &config.gpu.label,
+        };
         match from_setup(&mut setup, &mut p) {
             Some(d) if p.is_empty() => Ok(d),
             _ => Err(p),
@@ -278,7 +287,7 @@ impl Kamatera {
 
     /// The configured group whose tags a server carries; `None` for anything not ours.
     fn owner(&self, tags: &[String]) -> Option<String> {
-        if !tags.iter().any(|t| *t == self.cluster_tag) {
+        if !tags.contains(&self.cluster_tag) {
             return None;
         }
         tags.iter().find_map(|t| self.by_tag.get(t)).cloned()
@@ -320,7 +329,9 @@ impl Kamatera {
                 }
                 Err(e) => match Error::from(e) {
                     Error::Unauthorized(m) => refused = Some(Error::Unauthorized(m)),
-                    e => warn!(server = %s.name, error = %e, "cannot read the tags of a server; it is left out of this listing"),
+                    e => {
+                        warn!(server = %s.name, error = %e, "cannot read the tags of a server; it is left out of this listing")
+                    }
                 },
             }
         }
@@ -353,13 +364,16 @@ impl Kamatera {
                 Ok(state) => self.settle_create(&name, &cmd, state, listed.get(&name)),
                 Err(e) => match Error::from(e) {
                     Error::Unauthorized(m) => refused = Some(Error::Unauthorized(m)),
-                    e => warn!(%name, command = %cmd, error = %e, "cannot read a create's command; asking again next time"),
+                    e => {
+                        warn!(%name, command = %cmd, error = %e, "cannot read a create's command; asking again next time")
+                    }
                 },
             }
         }
         // A create whose answer was lost but whose server was found: done once it is on.
         let mut mem = self.memory();
-        mem.creating.retain(|name, c| c.command.is_some() || !listed.get(name).is_some_and(|s| s.power_on));
+        mem.creating
+            .retain(|name, c| !c.accepted || c.command.is_some() || !listed.get(name).is_some_and(|s| s.power_on));
         match refused {
             Some(e) => Err(e),
             None => Ok(()),
@@ -418,7 +432,9 @@ impl Kamatera {
             match state {
                 CommandState::Running(_) | CommandState::Unknown => {
                     info!(name = %server.name, command = %cmd.id, "found a create still running; following it again");
-                    self.memory().creating.insert(server.name.clone(), Creating { group, command: Some(cmd.id.clone()) });
+                    self.memory()
+                        .creating
+                        .insert(server.name.clone(), Creating { group, command: Some(cmd.id.clone()), accepted: true });
                 }
                 CommandState::Failed(log) => {
                     self.memory().failed.insert(server.name.clone(), (group, failure_of(&cmd.id, &log)));
@@ -489,29 +505,29 @@ impl Kamatera {
         }))
     }
 
-    /// After a create whose answer was lost: looks for its server, then for its command, until
-    /// `grace` is over. `Some(command)` (itself maybe unknown) when something was found.
-    async fn find_lost_create(&self, name: &str, grace: Duration) -> Option<Option<String>> {
+    /// After a create whose answer was lost: looks for its command, then for its server, until
+    /// `grace` is over. `Some(command)` (the command itself maybe unknown) when something was
+    /// found; refused credentials end the search at once.
+    async fn find_lost_create(&self, name: &str, grace: Duration) -> Result<Option<Option<String>>> {
         let deadline = Instant::now() + grace;
         loop {
-            let recent = self.api.recent_commands().await;
-            let command = match &recent {
-                Ok(r) => r.iter().find(|c| c.info == CREATE_COMMAND && same_server(&c.server, name)).map(|c| c.id.clone()),
-                Err(e) => {
-                    debug!(%name, error = %e, "cannot read the recent queue while looking for a lost create");
-                    None
+            match self.api.recent_commands().await.map_err(Error::from) {
+                Ok(recent) => {
+                    if let Some(c) = recent.iter().find(|c| c.info == CREATE_COMMAND && same_server(&c.server, name)) {
+                        return Ok(Some(Some(c.id.clone())));
+                    }
                 }
-            };
-            if command.is_some() {
-                return Some(command);
+                Err(Error::Unauthorized(m)) => return Err(Error::Unauthorized(m)),
+                Err(e) => debug!(%name, error = %e, "cannot read the recent queue while looking for a lost create"),
             }
-            match self.api.list_servers_retried().await {
-                Ok(servers) if servers.iter().any(|s| s.name == name) => return Some(None),
+            match self.api.list_servers_retried().await.map_err(Error::from) {
+                Ok(servers) if servers.iter().any(|s| s.name == name) => return Ok(Some(None)),
                 Ok(_) => {}
+                Err(Error::Unauthorized(m)) => return Err(Error::Unauthorized(m)),
                 Err(e) => debug!(%name, error = %e, "cannot list servers while looking for a lost create"),
             }
             if Instant::now() >= deadline {
-                return None;
+                return Ok(None);
             }
             tokio::time::sleep(self.poll_interval.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
@@ -575,19 +591,23 @@ fn is_gone(s: Option<&ServerRow>) -> bool {
 /// Whether the queue's `serviceName` names server `name` (it may carry more after the name).
 fn same_server(service: &str, name: &str) -> bool {
     service == name
-        || service.strip_prefix(name).is_some_and(|rest| {
-            rest.chars().next().is_some_and(|c| !(c.is_ascii_alphanumeric() || "()_-".contains(c)))
-        })
+        || service
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.chars().next().is_some_and(|c| !(c.is_ascii_alphanumeric() || "()_-".contains(c))))
 }
 
 /// How cluster-autoscaler should see a create command that ended in `error`.
 fn failure_of(cmd: &str, log: &str) -> CreateFailure {
     let lower = log.to_ascii_lowercase();
-    let no_resources = ["quota", "capacity", "insufficient", "not enough", "out of stock", "limit exceeded", "limit reached"]
-        .iter()
-        .any(|w| lower.contains(w));
-    let (class, code) =
-        if no_resources { (ErrorClass::OutOfResources, "OUT_OF_RESOURCES") } else { (ErrorClass::Other, "COMMAND_FAILED") };
+    let no_resources =
+        ["quota", "capacity", "insufficient", "not enough", "out of stock", "limit exceeded", "limit reached"]
+            .iter()
+            .any(|w| lower.contains(w));
+    let (class, code) = if no_resources {
+        (ErrorClass::OutOfResources, "OUT_OF_RESOURCES")
+    } else {
+        (ErrorClass::Other, "COMMAND_FAILED")
+    };
     let log = if log.is_empty() { "the queue gave no log" } else { log };
     CreateFailure { class, code: code.into(), message: format!("kamatera create command {cmd} failed: {log}") }
 }
@@ -682,7 +702,7 @@ impl Driver for Kamatera {
         // Creates accepted but not listed yet, and failed creates whose server is gone: both
         // must stay visible until cluster-autoscaler is done with them.
         for (name, c) in creating.iter() {
-            if !seen.contains(name) {
+            if c.accepted && !seen.contains(name) {
                 machines.push(Machine {
                     group: c.group.clone(),
                     name: name.clone(),
@@ -713,15 +733,21 @@ impl Driver for Kamatera {
             if mem.creating.contains_key(name) {
                 return Err(Error::InvalidRequest(format!("a create of {name} is already running")));
             }
-            mem.creating.insert(name.to_owned(), Creating { group: group.to_owned(), command: None });
+            mem.creating.insert(name.to_owned(), Creating { group: group.to_owned(), command: None, accepted: false });
             mem.failed.remove(name);
         }
-        let creating = Machine { group: group.to_owned(), name: name.to_owned(), id: name.to_owned(), state: MachineState::Creating };
+        let creating = Machine {
+            group: group.to_owned(),
+            name: name.to_owned(),
+            id: name.to_owned(),
+            state: MachineState::Creating,
+        };
         match self.api.create_server(&body).await {
             Ok(cmd) => {
                 info!(%name, %group, command = %cmd, "kamatera create started");
                 if let Some(c) = self.memory().creating.get_mut(name) {
                     c.command = Some(cmd);
+                    c.accepted = true;
                 }
                 Ok(creating)
             }
@@ -729,11 +755,16 @@ impl Driver for Kamatera {
                 // Never asked again: look for what it may have made.
                 let grace = if e.unanswered() { self.lost_create_grace } else { self.poll_interval };
                 warn!(%name, error = %e, ?grace, "the answer to a create was lost; looking for its server");
-                match self.find_lost_create(name, grace).await {
+                let found = self.find_lost_create(name, grace).await;
+                if found.is_err() {
+                    self.memory().creating.remove(name);
+                }
+                match found? {
                     Some(cmd) => {
                         info!(%name, command = ?cmd, "found the server or command of a create whose answer was lost");
                         if let Some(c) = self.memory().creating.get_mut(name) {
                             c.command = cmd;
+                            c.accepted = true;
                         }
                         Ok(creating)
                     }
@@ -790,7 +821,9 @@ impl Driver for Kamatera {
             info!(%name, command = %cmd, "kamatera terminate started");
             match self.wait_command(&cmd, name, is_gone).await? {
                 Outcome::Done => Ok(()),
-                Outcome::Failed(log) => Err(Error::Other(format!("kamatera terminate command {cmd} on {name} failed: {log}"))),
+                Outcome::Failed(log) => {
+                    Err(Error::Other(format!("kamatera terminate command {cmd} on {name} failed: {log}")))
+                }
             }
         }
         .await;

@@ -111,7 +111,9 @@ mod tests {
 
     #[test]
     fn a_template_sees_the_machine_the_join_values_and_its_data() {
-        let t = template("{{ name }} {{ group }} {{ cluster }} {{ join_url }} {{ join_token }} {{ version }} {{ data.version }}\n");
+        let t = template(
+            "{{ name }} {{ group }} {{ cluster }} {{ join_url }} {{ join_token }} {{ version }} {{ data.version }}\n",
+        );
         assert_eq!(
             t.render(TARGET).unwrap(),
             "prod-workers-x7k2p workers prod https://10.0.0.1:6443 K10::server:abc v1.31 v1.31\n"

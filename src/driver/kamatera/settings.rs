@@ -254,12 +254,10 @@ impl Draft {
     pub fn parse(s: &mut Section<'_>, group: bool, p: &mut Problems) -> Draft {
         let mut d = Draft::default();
         let at = |s: &Section<'_>, key: &str| s.key_path(key);
-        if group {
-            if let Some(v) = s.string("tag_group_name", p) {
-                match check_tag_name(&v) {
-                    Ok(()) => d.tag_group_name = Some((v, at(s, "tag_group_name"))),
-                    Err(e) => p.push(at(s, "tag_group_name"), e),
-                }
+        if group && let Some(v) = s.string("tag_group_name", p) {
+            match check_tag_name(&v) {
+                Ok(()) => d.tag_group_name = Some((v, at(s, "tag_group_name"))),
+                Err(e) => p.push(at(s, "tag_group_name"), e),
             }
         }
         for (key, slot) in [("datacenter", &mut d.datacenter), ("image", &mut d.image)] {
@@ -293,7 +291,10 @@ impl Draft {
                     if sizes_ok {
                         d.disks = Some(((items, first), at(s, "disks")));
                     } else {
-                        p.push(at(s, "disks"), "every disk needs size=<GB> with a whole number of GB, e.g. \"size=100\"");
+                        p.push(
+                            at(s, "disks"),
+                            "every disk needs size=<GB> with a whole number of GB, e.g. \"size=100\"",
+                        );
                     }
                 }
                 Err(e) => p.push(at(s, "disks"), e),
@@ -306,7 +307,10 @@ impl Draft {
                     if parsed.iter().all(|i| i.get("name").is_some_and(|n| !n.is_empty())) {
                         d.networks = Some((items, at(s, "networks")));
                     } else {
-                        p.push(at(s, "networks"), "every network needs name=<wan or a VLAN name>, e.g. \"name=wan,ip=auto\"");
+                        p.push(
+                            at(s, "networks"),
+                            "every network needs name=<wan or a VLAN name>, e.g. \"name=wan,ip=auto\"",
+                        );
                     }
                 }
                 Err(e) => p.push(at(s, "networks"), e),
@@ -372,7 +376,10 @@ impl Draft {
                 Ok(Value::Object(m)) => {
                     for (k, v) in m {
                         if script::RESERVED.contains(&k.as_str()) {
-                            p.push(format!("{}.{k}", at(s, "template_data")), "is filled in by Flotilla; choose another name");
+                            p.push(
+                                format!("{}.{k}", at(s, "template_data")),
+                                "is filled in by Flotilla; choose another name",
+                            );
                         } else {
                             d.template_data.insert(k, v);
                         }

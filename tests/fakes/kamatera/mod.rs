@@ -47,7 +47,7 @@ use std::{
 
 use axum::{
     body::{Body, to_bytes},
-    http::{Request, Response, StatusCode},
+    http::{Request, Response},
 };
 use serde_json::{Map, Value, json};
 
@@ -86,6 +86,8 @@ pub struct Recorded {
     pub query: Vec<(String, String)>,
     pub body: Option<Value>,
     pub authorized: bool,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 impl Recorded {
@@ -145,6 +147,11 @@ pub struct Command {
 }
 
 impl Command {
+    /// When it finishes (or finished).
+    pub fn done_at(&self) -> Instant {
+        self.done_at
+    }
+
     pub fn status(&self, now: Instant) -> &'static str {
         if now >= self.done_at {
             if self.failure.is_some() { "error" } else { "complete" }
@@ -185,6 +192,8 @@ pub struct Faults {
     pub reject_create: Option<(u16, String)>,
     /// The next create is carried out but its answer is lost.
     pub lose_create: Option<Lose>,
+    /// Every create's answer (success or error) comes this late: a create call in flight.
+    pub create_answer_delay: Duration,
     /// Servers in the account the backend allows before creates fail with a quota error.
     pub quota: Option<usize>,
     /// Command ids whose queue lookup answers `[]`.
@@ -207,6 +216,7 @@ impl Default for Faults {
             fail_creates: Vec::new(),
             reject_create: None,
             lose_create: None,
+            create_answer_delay: Duration::ZERO,
             quota: None,
             empty_queue_for: Vec::new(),
             inject: Vec::new(),
@@ -443,20 +453,42 @@ impl Fake {
     }
 }
 
+/// An answer, possibly held back (the fake's lock is released before any wait).
+enum Answer {
+    Now(Response<Body>),
+    /// A listing taken at arrival, sent once the test releases it.
+    Held(tokio::sync::oneshot::Receiver<()>, Response<Body>),
+    /// Sent after this long.
+    Late(Duration, Response<Body>),
+}
+
 async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> {
     let latency = state.lock().unwrap().faults.latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
     let (parts, body) = req.into_parts();
+    let bytes = to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let answer = answer(&mut state.lock().unwrap(), &parts, &bytes);
+    match answer {
+        Answer::Now(r) => r,
+        Answer::Held(rx, r) => {
+            let _ = rx.await;
+            r
+        }
+        Answer::Late(d, r) => {
+            tokio::time::sleep(d).await;
+            r
+        }
+    }
+}
+
+fn answer(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> Answer {
     let method = parts.method.as_str().to_owned();
     let path = parts.uri.path().to_owned();
     let query: Vec<(String, String)> =
         parts.uri.query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
-    let bytes = to_bytes(body, 1 << 20).await.unwrap_or_default();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-
-    let mut s = state.lock().unwrap();
     s.settle();
     let body: Option<Value> = if bytes.is_empty() {
         None
@@ -465,11 +497,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             // Laravel reads a body as JSON only with this content type.
             s.problems.push(format!("{method} {path}: a body without Content-Type: application/json"));
         }
-        match serde_json::from_slice(&bytes) {
+        match serde_json::from_slice(bytes) {
             Ok(v) => Some(v),
             Err(e) => {
                 s.problems.push(format!("{method} {path}: body is not JSON: {e}"));
-                return exception("post");
+                return Answer::Now(exception("post"));
             }
         }
     };
@@ -483,58 +515,63 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
         s.problems.push(format!("{method} {path}: no Accept: application/json"));
     }
     let authorized = id_header.as_deref() == Some(CLIENT_ID) && secret_header.as_deref() == Some(SECRET);
-    s.requests.push(Recorded { method: method.clone(), path: path.clone(), query: query.clone(), body: body.clone(), authorized });
+    s.requests.push(Recorded {
+        method: method.clone(),
+        path: path.clone(),
+        query: query.clone(),
+        body: body.clone(),
+        authorized,
+        at: Instant::now(),
+    });
     if let Some(i) = s.faults.inject.iter().position(|(m, p, _, _)| *m == method && *p == path) {
         let (_, _, status, raw) = s.faults.inject.remove(i);
-        return Response::builder().status(status).body(Body::from(raw)).unwrap();
+        return Answer::Now(Response::builder().status(status).body(Body::from(raw)).unwrap());
     }
     if !authorized {
         s.rejected += 1;
     }
     let body = body.unwrap_or(Value::Null);
-    match (method.as_str(), path.as_str()) {
+    Answer::Now(match (method.as_str(), path.as_str()) {
         ("GET", "/service/servers") => {
             if !authorized {
                 // ProxyServerGet passes the backend's error body on, with status 200.
-                return reply(200, &json!({ "errors": [{ "info": AUTH_FAILED }] }));
+                return Answer::Now(reply(200, &json!({ "errors": [{ "info": AUTH_FAILED }] })));
             }
             let listing: Vec<Value> = s
                 .servers
                 .iter()
                 .map(|v| json!({ "id": v.id, "datacenter": v.datacenter, "name": v.name, "power": v.power }))
                 .collect();
-            let hold = s.faults.hold_listing.take();
-            drop(s);
-            if let Some(rx) = hold {
-                let _ = rx.await;
-            }
-            reply(200, &Value::Array(listing))
+            let r = reply(200, &Value::Array(listing));
+            return match s.faults.hold_listing.take() {
+                Some(rx) => Answer::Held(rx, r),
+                None => Answer::Now(r),
+            };
         }
-        ("POST", "/server/tags") => tags(&mut s, &body, authorized),
+        ("POST", "/server/tags") => tags(s, &body, authorized),
         ("POST", "/service/server") => {
             let lose = s.faults.lose_create.take();
-            let r = create(&mut s, &body, authorized);
-            drop(s);
-            match (r.status().as_u16(), lose) {
-                (200, Some(Lose::Late(d))) => {
-                    tokio::time::sleep(d).await;
-                    r
-                }
-                (200, Some(Lose::BadGateway)) => Response::builder()
-                    .status(502)
-                    .header("Content-Type", "text/html")
-                    .body(Body::from("<html><body><h1>502 Bad Gateway</h1></body></html>"))
-                    .unwrap(),
-                _ => r,
-            }
+            let r = create(s, &body, authorized);
+            return match (r.status().as_u16(), lose) {
+                (200, Some(Lose::Late(d))) => Answer::Late(d, r),
+                _ if !s.faults.create_answer_delay.is_zero() => Answer::Late(s.faults.create_answer_delay, r),
+                (200, Some(Lose::BadGateway)) => Answer::Now(
+                    Response::builder()
+                        .status(502)
+                        .header("Content-Type", "text/html")
+                        .body(Body::from("<html><body><h1>502 Bad Gateway</h1></body></html>"))
+                        .unwrap(),
+                ),
+                _ => Answer::Now(r),
+            };
         }
-        ("POST", "/service/server/terminate") => server_command(&mut s, &body, authorized, Kind::Terminate),
-        ("POST", "/service/server/poweron") => server_command(&mut s, &body, authorized, Kind::PowerOn),
-        ("POST", "/service/server/poweroff") => server_command(&mut s, &body, authorized, Kind::PowerOff),
-        ("GET", "/service/queue") => queue_detail(&mut s, &query, authorized),
+        ("POST", "/service/server/terminate") => server_command(s, &body, authorized, Kind::Terminate),
+        ("POST", "/service/server/poweron") => server_command(s, &body, authorized, Kind::PowerOn),
+        ("POST", "/service/server/poweroff") => server_command(s, &body, authorized, Kind::PowerOff),
+        ("GET", "/service/queue") => queue_detail(s, &query, authorized),
         ("GET", "/svc/queue") => {
             if !authorized {
-                return reply(200, &json!({ "errors": [{ "info": AUTH_FAILED }] }));
+                return Answer::Now(reply(200, &json!({ "errors": [{ "info": AUTH_FAILED }] })));
             }
             let now = Instant::now();
             let rows: Vec<Value> = s
@@ -563,7 +600,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             // Laravel's own 404 page.
             Response::builder().status(404).body(Body::from("<!doctype html><title>Not Found</title>")).unwrap()
         }
-    }
+    })
 }
 
 /// `id` or `name` of a server request, as `returnProxyHttpMultiServerPostResponse` reads them.
@@ -622,7 +659,10 @@ fn tags(s: &mut State, body: &Value, authorized: bool) -> Response<Body> {
             let rows: Vec<Value> = v.tags.iter().map(|t| json!({ "id": v.id, "tagName": t })).collect();
             reply(200, &Value::Array(rows))
         }
-        _ => reply(500, &json!({ "message": format!("Too many matching servers (name='{}')", name.unwrap_or_default()) })),
+        _ => reply(
+            500,
+            &json!({ "message": format!("Too many matching servers (name='{}')", name.unwrap_or_default()) }),
+        ),
     }
 }
 
@@ -706,6 +746,7 @@ fn queue_detail(s: &mut State, query: &[(String, String)], authorized: bool) -> 
 }
 
 /// Splits a cloudcli array value (`"size=50 size=100"`) as `getPostMultipartArrayField` does.
+#[allow(clippy::result_large_err, reason = "the error is the fake's own HTTP answer, returned at once")]
 fn array_field(value: &str, name: &str) -> Result<Vec<Map<String, Value>>, Response<Body>> {
     let mut by_id: BTreeMap<u32, Map<String, Value>> = BTreeMap::new();
     let mut without_id = Vec::new();
@@ -718,7 +759,7 @@ fn array_field(value: &str, name: &str) -> Result<Vec<Map<String, Value>>, Respo
             }
             dict.insert(parts[0].into(), parts[1].into());
         }
-        match dict.get("id").and_then(Value::as_str) {
+        match dict.get("id").and_then(Value::as_str).map(str::to_owned) {
             Some(id) => {
                 let n: u32 = id.parse().unwrap_or(99);
                 if n > 3 {
@@ -759,7 +800,9 @@ fn create(s: &mut State, body: &Value, authorized: bool) -> Response<Body> {
             s.problems.push(format!("POST /service/server: {k} is {v}, the API reads a string"));
         }
     }
-    let get = |k: &str| map.get(k).map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+    let get = |k: &str| {
+        map.get(k).map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())).unwrap_or_default()
+    };
     // `getPostMultipart`: required flags, then defaults for empty values.
     for required in ["name", "datacenter", "image"] {
         if get(required).is_empty() {
@@ -813,7 +856,7 @@ fn create(s: &mut State, body: &Value, authorized: bool) -> Response<Body> {
             return exception("createServer");
         }
     }
-    if or("poweronaftercreate", "yes").to_ascii_lowercase() != "yes" {
+    if !or("poweronaftercreate", "yes").eq_ignore_ascii_case("yes") {
         s.problems.push("POST /service/server: poweronaftercreate is not yes".into());
     }
     if !authorized {
