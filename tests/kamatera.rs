@@ -699,9 +699,9 @@ async fn names_too_long_or_with_spaces_are_refused_before_any_create() {
 }
 
 #[tokio::test]
-async fn a_name_prefix_outside_the_filter_and_shared_group_tags_are_refused() {
+async fn a_name_prefix_outside_the_filter_shared_group_tags_and_a_short_create_timeout_are_refused() {
     let fake = Fake::start().await;
-    let text = config_text(&fake, "filter_name_prefix = \"k8s-\"", "")
+    let text = config_text(&fake, "filter_name_prefix = \"k8s-\"\ncreate_timeout = \"1m\"", "")
         + "[groups.more]\ncloud = \"kam\"\nmax_size = 1\nname_prefix = \"k8s-more\"\n[groups.more.machine]\ntag_group_name = \"workers\"\n";
     let p = problems(&text);
     assert!(p.iter().any(|(path, m)| path == "groups.workers.name_prefix" && m.contains("never be listed")), "{p:?}");

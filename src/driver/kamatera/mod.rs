@@ -147,6 +147,20 @@ fn from_setup(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<Kam
     {
         p.push(setup.section.key_path("api_url"), e.to_string());
     }
+    if let Some(c) = &cloud {
+        // A create may take the create call's timeout and then the look for a lost answer; the
+        // core must not give up on it before (the server could appear unannounced).
+        let needed = c.create_request_timeout + c.lost_create_grace;
+        if setup.cloud.create_timeout <= needed {
+            p.push(
+                setup.section.key_path("create_timeout"),
+                format!(
+                    "{:?} is too short: a create may take create_request_timeout + lost_create_grace ({needed:?}); give it more than that",
+                    setup.cloud.create_timeout
+                ),
+            );
+        }
+    }
     let defaults_path = setup.section.key_path("defaults");
     let defaults = match setup.section.section("defaults", p) {
         Some(mut d) => {
@@ -678,6 +692,8 @@ impl Driver for Kamatera {
         let keys: HashSet<String> = servers.iter().map(key).collect();
         tags.retain(|k, _| keys.contains(k));
         orphans_checked.retain(|n| listed.contains_key(n));
+        // A delete the core gave up on (its future dropped) leaves its name; the server is gone.
+        deleting.retain(|n| listed.contains_key(n));
         let mut machines = Vec::with_capacity(owned.len());
         let mut seen = HashSet::new();
         for (s, group) in owned {
