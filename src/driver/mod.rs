@@ -31,6 +31,7 @@ pub mod metered;
 pub mod openstack;
 pub mod proxmox;
 pub mod simulated;
+pub mod slicer;
 
 /// One machine as the cloud reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +63,10 @@ pub enum MachineState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CreateFailure {
     pub class: ErrorClass,
-    /// A short machine-readable code, e.g. `QUOTA_EXCEEDED`.
+    /// A short machine-readable code: the error class for a failed create call
+    /// (`OUT_OF_RESOURCES`, `INVALID_REQUEST`, ...), the same code for the same cause when the
+    /// cloud fails a machine later, or a cloud's own verdict with no create-call counterpart
+    /// (`NO_VALID_HOST`, `INTERRUPTED`).
     pub code: String,
     pub message: String,
 }
@@ -94,6 +98,8 @@ pub struct Shape {
     pub ephemeral_storage_bytes: Option<u64>,
     pub gpus: Option<u64>,
     pub instance_type: Option<String>,
+    /// `kubernetes.io/arch` of the machines (`amd64`, `arm64`), when the cloud knows it.
+    pub arch: Option<String>,
 }
 
 /// A machine the core asks a driver to delete.
@@ -256,6 +262,8 @@ pub const KINDS: &[Kind] = &[
     Kind { name: "proxmox", default_provider_id: "proxmox://{region}/{id}", build: proxmox::build },
     // What the in-tree Kamatera provider reports (and patches onto Nodes), so existing Nodes match.
     Kind { name: "kamatera", default_provider_id: "kamatera://{name}", build: kamatera::build },
+    // What the agent registers (its kubelet gets it): the node is named after the VM's hostname.
+    Kind { name: "slicer", default_provider_id: "k3s://{id}", build: slicer::build },
 ];
 
 /// The row of driver `name`.

@@ -860,8 +860,8 @@ impl Driver for Kamatera {
             cpu_millis: Some(g.cpu_cores * 1000),
             memory_bytes: Some(g.ram_mb << 20),
             ephemeral_storage_bytes: (g.first_disk_gb > 0).then_some(g.first_disk_gb << 30),
-            gpus: None,
-            instance_type: None,
+            // Kamatera servers are x86_64; the core's default (`amd64`) says so.
+            ..Shape::default()
         }))
     }
 
