@@ -245,35 +245,36 @@ async fn without_a_password_kamatera_generates_one_that_is_never_kept() {
 async fn a_new_server_is_creating_until_its_command_completes_then_running() {
     let fake = Fake::start().await;
     {
+        // Commands move only when the test says so.
         let mut s = fake.state();
-        s.faults.pending_time = Duration::from_millis(300);
-        s.faults.run_time = Duration::from_millis(300);
+        s.faults.pending_time = Duration::from_secs(3600);
+        s.faults.run_time = Duration::from_secs(3600);
     }
     let driver = driver_of(&config_text(&fake, "", ""));
     driver.create("workers", "prod-workers-aaaaa").await.unwrap();
     // Pending: not in Kamatera's listing yet, still reported (the create was accepted).
     let m = driver.list().await.unwrap();
     assert_eq!(by_name(&m, "prod-workers-aaaaa"), MachineState::Creating);
-    assert!(fake.state().server("prod-workers-aaaaa").is_none());
+    assert!(fake.settled().server("prod-workers-aaaaa").is_none());
     // Running: listed, powered off, without a tag lookup (the create's own tags are known).
-    support::eventually(LIMIT, "the server to appear", || async {
-        fake.settled().server("prod-workers-aaaaa").map(|_| ())
-    })
-    .await;
+    fake.start_commands();
+    assert_eq!(fake.settled().server("prod-workers-aaaaa").unwrap().power, "off");
     let m = driver.list().await.unwrap();
     assert_eq!(by_name(&m, "prod-workers-aaaaa"), MachineState::Creating);
-    wait_state(&driver, "prod-workers-aaaaa", |s| *s == MachineState::Running).await;
+    fake.finish_commands();
+    let m = driver.list().await.unwrap();
+    assert_eq!(by_name(&m, "prod-workers-aaaaa"), MachineState::Running);
     {
         let s = fake.state();
         assert_eq!(s.calls("POST", "/server/tags").len(), 0);
         let cmd = s.command_for(Kind::Create, "prod-workers-aaaaa").unwrap().id.to_string();
         let polls = s.calls("GET", "/service/queue");
-        assert!(polls.len() >= 2 && polls.iter().all(|r| r.query == [("id".to_owned(), cmd.clone())]), "{polls:?}");
+        assert_eq!(polls.len(), 3, "one poll per listing while the create runs");
+        assert!(polls.iter().all(|r| r.query == [("id".to_owned(), cmd.clone())]), "{polls:?}");
     }
     // Complete: no more polling.
-    let before = fake.state().calls("GET", "/service/queue").len();
     driver.list().await.unwrap();
-    assert_eq!(fake.state().calls("GET", "/service/queue").len(), before);
+    assert_eq!(fake.state().calls("GET", "/service/queue").len(), 3);
     fake.assert_clean();
 }
 
@@ -387,42 +388,39 @@ async fn flotilla_restarted_mid_create_follows_the_running_command_again() {
     let fake = Fake::start().await;
     {
         let mut s = fake.state();
-        s.faults.pending_time = Duration::from_millis(50);
-        s.faults.run_time = Duration::from_millis(600);
+        s.faults.pending_time = Duration::ZERO;
+        // Commands end only when the test says so.
+        s.faults.run_time = Duration::from_secs(3600);
         s.faults.fail_creates.push(("Error: server setup failed".into(), false));
         // A tagged server powered off with no create anywhere (stopped by hand, or the
         // in-tree provider's warm pool).
         s.add_server("prod-workers-stopd", "off", OURS);
     }
     let text = config_text(&fake, "", "");
-    // The first process: one create fails while it is down, one is still running at restart.
+    // The first process: one create will fail while it is down, one is running at restart.
     let first = driver_of(&text);
     first.create("workers", "prod-workers-faild").await.unwrap();
     first.create("workers", "prod-workers-runng").await.unwrap();
     drop(first);
-    support::eventually(LIMIT, "the running create's server to appear", || async {
-        fake.settled().server("prod-workers-runng").map(|_| ())
-    })
-    .await;
+    assert_eq!(fake.settled().servers.len(), 3);
 
     let second = driver_of(&text);
     let m = second.list().await.unwrap();
     assert_eq!(by_name(&m, "prod-workers-runng"), MachineState::Creating, "a create found running is creating");
+    assert_eq!(by_name(&m, "prod-workers-faild"), MachineState::Creating);
     let MachineState::Failed(f) = by_name(&m, "prod-workers-stopd") else { panic!("{m:?}") };
     assert_eq!(f.code, "POWERED_OFF");
     assert_eq!(fake.state().calls("GET", "/svc/queue").len(), 1, "one queue read covers every powered-off server");
-    wait_state(&second, "prod-workers-runng", |s| *s == MachineState::Running).await;
-    let MachineState::Failed(f) =
-        wait_state(&second, "prod-workers-faild", |s| matches!(s, MachineState::Failed(_))).await
-    else {
-        unreachable!()
-    };
+
+    fake.finish_commands();
+    let m = second.list().await.unwrap();
+    assert_eq!(by_name(&m, "prod-workers-runng"), MachineState::Running);
+    let MachineState::Failed(f) = by_name(&m, "prod-workers-faild") else { panic!("{m:?}") };
     assert!(f.message.contains("server setup failed"), "{}", f.message);
     assert_eq!(fake.state().calls("POST", "/service/server").len(), 2, "nothing is created again");
     // Checked once: further listings do not read the queue again.
-    let before = fake.state().calls("GET", "/svc/queue").len();
     second.list().await.unwrap();
-    assert_eq!(fake.state().calls("GET", "/svc/queue").len(), before);
+    assert_eq!(fake.state().calls("GET", "/svc/queue").len(), 1);
     fake.assert_clean();
 }
 
@@ -432,20 +430,22 @@ async fn a_restart_sees_servers_whose_tags_come_only_when_their_create_completes
     {
         let mut s = fake.state();
         s.faults.tags_at_completion = true;
-        s.faults.run_time = Duration::from_millis(500);
+        s.faults.pending_time = Duration::ZERO;
+        s.faults.run_time = Duration::from_secs(3600);
     }
     let text = config_text(&fake, "", "");
     let first = driver_of(&text);
     first.create("workers", "prod-workers-aaaaa").await.unwrap();
     drop(first);
-    support::eventually(LIMIT, "the server to appear", || async {
-        fake.settled().server("prod-workers-aaaaa").map(|_| ())
-    })
-    .await;
+    assert!(fake.settled().server("prod-workers-aaaaa").is_some_and(|s| s.tags.is_empty()));
     let second = driver_of(&text);
     // Untagged for now: not ours yet, but not written off as foreign either.
     assert!(second.list().await.unwrap().is_empty());
-    wait_state(&second, "prod-workers-aaaaa", |s| *s == MachineState::Running).await;
+    assert!(second.list().await.unwrap().is_empty());
+    assert_eq!(fake.state().calls("POST", "/server/tags").len(), 2, "asked again while it may still become ours");
+    fake.finish_commands();
+    let m = second.list().await.unwrap();
+    assert_eq!(by_name(&m, "prod-workers-aaaaa"), MachineState::Running);
     fake.assert_clean();
 }
 
@@ -485,7 +485,7 @@ async fn a_listing_while_a_create_call_is_out_does_not_report_a_machine_kamatera
     let fake = Fake::start().await;
     {
         let mut s = fake.state();
-        s.faults.create_answer_delay = Duration::from_millis(400);
+        s.faults.create_answer_delay = Duration::from_secs(2);
         s.faults.reject_create = Some((400, "Invalid image for datacenter".into()));
     }
     let driver = driver_of(&config_text(&fake, "", ""));
@@ -854,13 +854,14 @@ async fn a_listing_older_than_a_finished_delete_does_not_bring_the_server_back_o
     let (running, mut c) = support::start(&grpc_text(&fake, "")).await;
     let ids = support::wait_running(&c, "workers", 1, LIMIT).await;
     // A Refresh whose listing is taken now but answered only after the delete finished.
+    let listings = fake.state().calls("GET", "/service/servers").len();
     let release = fake.hold_next_listing();
     let refresh = tokio::spawn({
         let mut c = c.clone();
         async move { support::refresh(&mut c).await }
     });
     support::eventually(LIMIT, "the held listing to arrive", || async {
-        (fake.state().calls("GET", "/service/servers").len() >= 2).then_some(())
+        (fake.state().calls("GET", "/service/servers").len() > listings).then_some(())
     })
     .await;
     support::delete(&mut c, "workers", &[ids[0].as_str()]).await.unwrap();

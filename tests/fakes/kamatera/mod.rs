@@ -445,6 +445,27 @@ impl Fake {
         assert!(s.problems.is_empty(), "the fake Kamatera API saw unexpected requests:\n{}", s.problems.join("\n"));
     }
 
+    /// Starts every pending command now (their run time unchanged).
+    pub fn start_commands(&self) {
+        let now = Instant::now();
+        let mut s = self.state();
+        for c in s.commands.values_mut().filter(|c| !c.started) {
+            let run = c.done_at.saturating_duration_since(c.starts_at);
+            c.starts_at = now;
+            c.done_at = now + run;
+        }
+    }
+
+    /// Finishes every command now (as it was going to end: complete, or its failure).
+    pub fn finish_commands(&self) {
+        let now = Instant::now();
+        let mut s = self.state();
+        for c in s.commands.values_mut().filter(|c| !c.finished) {
+            c.starts_at = c.starts_at.min(now);
+            c.done_at = now;
+        }
+    }
+
     /// Holds the next server listing (taken on arrival) until the returned sender fires.
     pub fn hold_next_listing(&self) -> tokio::sync::oneshot::Sender<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
