@@ -6,9 +6,9 @@
 //!
 //! Regenerate the golden files with `FLOTILLA_UPDATE_GOLDEN=1 cargo test --test import_kamatera`.
 
-mod support;
 #[path = "fakes/kamatera/mod.rs"]
 mod fake;
+mod support;
 
 use std::{
     path::{Path, PathBuf},
@@ -28,7 +28,13 @@ fn dir() -> PathBuf {
 }
 
 fn request_for(path: PathBuf, output_dir: &Path) -> Request {
-    Request { kind: Kind::Kamatera, files: vec![path], output_dir: output_dir.into(), cluster_name: None, overrides: vec![] }
+    Request {
+        kind: Kind::Kamatera,
+        files: vec![path],
+        output_dir: output_dir.into(),
+        cluster_name: None,
+        overrides: vec![],
+    }
 }
 
 fn golden(path: &Path, actual: &str) {
@@ -71,7 +77,10 @@ async fn the_in_tree_cloud_config_becomes_groups_that_adopt_the_providers_server
         import::write_files(&i, &dir()).unwrap();
     }
     golden(&dir().join("cloud-config.expected.toml"), &i.document.render());
-    golden(&dir().join("cloud-config.expected.report.txt"), &import::instructions(&i, Some(Path::new("flotilla.toml"))));
+    golden(
+        &dir().join("cloud-config.expected.report.txt"),
+        &import::instructions(&i, Some(Path::new("flotilla.toml"))),
+    );
     for f in &i.files {
         golden(&dir().join(&f.name), &f.content);
     }
@@ -86,7 +95,9 @@ async fn the_in_tree_cloud_config_becomes_groups_that_adopt_the_providers_server
     // No secret in the configuration or the report; the join token is only in the 0600 file.
     let text = i.document.render();
     let report = import::instructions(&i, None);
-    for secret in ["9ii88h7g6f55555ee4444444dd33eee2", "1a222bbb3ccc44d5555e6ff77g88hh9i", "Aa123456789!", "K10c8a6bd2d1d9e1b4a"] {
+    for secret in
+        ["9ii88h7g6f55555ee4444444dd33eee2", "1a222bbb3ccc44d5555e6ff77g88hh9i", "Aa123456789!", "K10c8a6bd2d1d9e1b4a"]
+    {
         assert!(!text.contains(secret) && !report.contains(secret), "{secret} leaked");
     }
     assert!(i.files[0].content.contains("K10c8a6bd2d1d9e1b4a::server"));
@@ -122,13 +133,21 @@ async fn the_in_tree_cloud_config_becomes_groups_that_adopt_the_providers_server
     for (var, value) in &secrets {
         std::fs::write(scratch.path().join(var), value).unwrap();
     }
-    let mut table: toml::Table =
-        i.document.render_with(&|var| format!("{{ file = \"{}\" }}", scratch.path().join(var).display())).parse().unwrap();
+    let mut table: toml::Table = i
+        .document
+        .render_with(&|var| format!("{{ file = \"{}\" }}", scratch.path().join(var).display()))
+        .parse()
+        .unwrap();
     table["clouds"]["kamatera"].as_table_mut().unwrap().insert("api_url".into(), fake.url().into());
-    table.insert("server".into(), toml::toml! { grpc_listen = "127.0.0.1:0"
-    http_listen = "off"
-    shutdown_grace = "1s" }.into());
-    let config = Config::parse(&toml::to_string(&table).unwrap(), "imported.toml", &dir()).unwrap_or_else(|p| panic!("{p}"));
+    table.insert(
+        "server".into(),
+        toml::toml! { grpc_listen = "127.0.0.1:0"
+        http_listen = "off"
+        shutdown_grace = "1s" }
+        .into(),
+    );
+    let config =
+        Config::parse(&toml::to_string(&table).unwrap(), "imported.toml", &dir()).unwrap_or_else(|p| panic!("{p}"));
     let drivers = flotilla::build_drivers(&config).unwrap_or_else(|p| panic!("{p}"));
     let (running, mut c) = support::start_with(config, drivers).await;
     let mut groups: Vec<_> = c
@@ -171,7 +190,9 @@ fn the_secret_manifest_of_the_in_tree_example_is_read_and_its_bad_key_named() {
     // The upstream example's own mistake: `default-script` is not a key (the provider refuses the
     // file); the import lists it with the key it meant.
     let line = i.report.lines.iter().find(|l| l.key == "[global] default-script").unwrap();
-    assert!(matches!(&line.fate, import::report::Fate::Dropped(why) if why.contains("did you mean default-script-base64?")));
+    assert!(
+        matches!(&line.fate, import::report::Fate::Dropped(why) if why.contains("did you mean default-script-base64?"))
+    );
     let tmp = tempfile::tempdir().unwrap();
     let check = import::verify(&i, tmp.path()).unwrap_err().to_string();
     assert!(check.contains("init script is required"), "without a script the driver refuses it:\n{check}");
