@@ -13,6 +13,7 @@
 //! * [`telemetry`]: Prometheus metrics and the health/readiness endpoint.
 //! * [`provider_id`], [`quantity`]: small formats.
 //! * [`ctl`]: the `flotilla ctl` client, for calling any RPC by hand.
+//! * [`import`]: `flotilla import`, from the configurations of the systems users migrate from.
 //!
 //! [`start`] runs everything on listeners it binds; `main` only parses flags and waits for a
 //! signal.
@@ -27,6 +28,7 @@ use tracing::{info, warn};
 pub mod config;
 pub mod ctl;
 pub mod driver;
+pub mod import;
 pub mod proto;
 pub mod provider_id;
 pub mod quantity;
