@@ -15,6 +15,7 @@ arguments and one of its environment (`NAME=value`), named after the container:
 import base64
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -48,9 +49,12 @@ def rooted(path):
 
 
 def rewrite(text, mounts):
-    for m in sorted(mounts, key=len, reverse=True):
-        text = text.replace(m, rooted(m))
-    return text
+    """Every path under a mount, in one pass (a rooted path is never rewritten again)."""
+    if not mounts:
+        return text
+    alternatives = "|".join(re.escape(m.rstrip("/")) for m in sorted(mounts, key=len, reverse=True))
+    pattern = re.compile(r"(?<![\w./-])(" + alternatives + r")(?=$|[/\"'\s,\]])")
+    return pattern.sub(lambda m: rooted(m.group(1)), text)
 
 
 out = []
