@@ -543,9 +543,9 @@ KUBECONFIG
 	[[ -s $SDIR/pod/var/lib/flotilla/sim-state.json ]] || fail "the state file is not in the pod's volume" || return 1
 	# The chart's RBAC was enough: the API never refused cluster-autoscaler.
 	local refused
-	refused=$(grep -c -i 'forbidden' "$RUN_DIR/logs/$SNAME-ca.log")
+	refused=$(grep -c 'is forbidden' "$RUN_DIR/logs/$SNAME-ca.log")
 	((refused == 0)) ||
-		fail "the API refused cluster-autoscaler $refused times: $(grep -i -m1 forbidden "$RUN_DIR/logs/$SNAME-ca.log" | cut -c1-300)" ||
+		fail "the API refused cluster-autoscaler $refused times: $(grep -m1 'is forbidden' "$RUN_DIR/logs/$SNAME-ca.log" | cut -c1-300)" ||
 		return 1
 	kc -n "$ns" get lease cluster-autoscaler >/dev/null 2>&1 || fail "CA did not take its leader-election Lease" || return 1
 }
