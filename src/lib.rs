@@ -153,7 +153,7 @@ pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running
         .zip(drivers)
         .map(|(c, d)| driver::metered::Metered::wrap(d, &c.name, Arc::clone(&metrics)))
         .collect();
-    let fleet = Fleet::new(&config, drivers);
+    let fleet = Fleet::with_metrics(&config, drivers, Arc::clone(&metrics));
 
     let bind =
         |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source }) };
