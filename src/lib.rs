@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! * [`config`]: the TOML file, read completely, every problem reported at once.
-//! * [`driver`]: the driver trait, one module per cloud, and the metrics decorator.
+//! * [`driver`]: the driver trait, the table of driver kinds, one module per cloud, the shared HTTP
+//!   layer of the cloud APIs (`driver::http`), and the metrics decorator.
 //! * [`state`]: the fleet: machines per group, creates and deletes in flight, reconcile.
 //! * [`service`]: the gRPC `CloudProvider` service and the one error-to-status table.
 //! * [`template`]: template nodes for scale-from-zero.
@@ -14,6 +15,7 @@
 //!   (leader election, Node cleanup, the priority expander's ConfigMap).
 //! * [`provider_id`], [`quantity`]: small formats.
 //! * [`ctl`]: the `flotilla ctl` client, for calling any RPC by hand.
+//! * [`import`]: `flotilla import`, from the configurations of the systems users migrate from.
 //!
 //! [`start`] runs everything on listeners it binds; `main` only parses flags and waits for a
 //! signal.
@@ -28,6 +30,7 @@ use tracing::{info, warn};
 pub mod config;
 pub mod ctl;
 pub mod driver;
+pub mod import;
 pub mod incluster;
 pub mod kube;
 pub mod proto;
@@ -128,6 +131,21 @@ pub fn load(path: Option<&std::path::Path>) -> Result<(Config, Vec<SharedDriver>
     if problems.is_empty() { Ok((config, drivers)) } else { Err(problems) }
 }
 
+/// Contacts every cloud once (`check-config --probe`): credentials, and whatever each driver
+/// can check of its groups there. A cloud that does not answer within a minute is a problem.
+pub async fn probe(config: &Config, drivers: &[SharedDriver]) -> config::Problems {
+    let mut problems = config::Problems::new(config.source.clone(), config.base_dir.clone());
+    for (cloud, driver) in config.clouds.iter().zip(drivers) {
+        let path = format!("clouds.{}", cloud.name);
+        match tokio::time::timeout(std::time::Duration::from_secs(60), driver.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => problems.push(path, e.to_string()),
+            Err(_) => problems.push(path, "no answer within 60s"),
+        }
+    }
+    problems
+}
+
 /// Builds the drivers the configuration names.
 pub fn build_drivers(config: &Config) -> Result<Vec<SharedDriver>, config::Problems> {
     let mut problems = config::Problems::new(config.source.clone(), config.base_dir.clone());
@@ -156,7 +174,7 @@ pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running
         .zip(drivers)
         .map(|(c, d)| driver::metered::Metered::wrap(d, &c.name, Arc::clone(&metrics)))
         .collect();
-    let fleet = Fleet::new(&config, drivers);
+    let fleet = Fleet::with_metrics(&config, drivers, Arc::clone(&metrics));
 
     let bind =
         |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source }) };

@@ -24,6 +24,10 @@ enum Command {
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also contact every cloud: credentials, and whether each group can work there
+        /// (e.g. a Proxmox template whose clones cannot reach any allowed node).
+        #[arg(long)]
+        probe: bool,
     },
     /// Print cluster-autoscaler's priority-expander ConfigMap for the groups' `priority`
     /// (what `[priority_expander]` applies), e.g. to commit it to a GitOps repository.
@@ -34,6 +38,9 @@ enum Command {
         #[arg(long)]
         namespace: Option<String>,
     },
+    /// Turn a Kamatera, Slicer, OpenStack, Proxmox or Docker autoscaler's configuration into a
+    /// Flotilla configuration and the cluster-autoscaler flags to use.
+    Import(flotilla::import::Args),
     /// Call one RPC of a running server by hand.
     Ctl {
         #[command(flatten)]
@@ -105,8 +112,15 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match flotilla::load(Some(&config)) {
-            Ok((c, _)) => {
+        Command::CheckConfig { config, probe } => match flotilla::load(Some(&config)) {
+            Ok((c, drivers)) => {
+                if probe {
+                    let problems = flotilla::probe(&c, &drivers).await;
+                    if !problems.is_empty() {
+                        eprint!("{problems}");
+                        return ExitCode::FAILURE;
+                    }
+                }
                 println!("{}: ok ({} clouds, {} node groups)", c.source, c.clouds.len(), c.groups.len());
                 ExitCode::SUCCESS
             }
@@ -127,6 +141,10 @@ async fn main() -> ExitCode {
                 eprint!("{problems}");
                 ExitCode::FAILURE
             }
+        },
+        Command::Import(args) => match flotilla::import::run(args) {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::FAILURE,
         },
         Command::Ctl { target, command } => match flotilla::ctl::run(&target, command).await {
             Ok(out) => {

@@ -35,6 +35,7 @@ use crate::{
     config::{CloudConfig, Config, GroupConfig, StateConfig},
     driver::{self, CreateFailure, Machine, MachineRef, MachineState, SharedDriver},
     provider_id::{Parts, ProviderIdFormat},
+    telemetry::metrics::Metrics,
     template::Template,
 };
 
@@ -255,11 +256,18 @@ pub struct Fleet {
     wake: Notify,
     /// Where machines confirmed gone are announced, for Node cleanup (set once at start).
     node_cleanup: OnceLock<mpsc::UnboundedSender<NodeGone>>,
+    /// Creates and deletes, and their failures, are counted here.
+    metrics: Arc<Metrics>,
 }
 
 impl Fleet {
     /// Builds the fleet from checked configuration and one driver per cloud (same order).
     pub fn new(config: &Config, drivers: Vec<SharedDriver>) -> Arc<Fleet> {
+        Fleet::with_metrics(config, drivers, Arc::new(Metrics::new()))
+    }
+
+    /// [`Fleet::new`], counting creates and deletes in `metrics`.
+    pub fn with_metrics(config: &Config, drivers: Vec<SharedDriver>, metrics: Arc<Metrics>) -> Arc<Fleet> {
         assert_eq!(config.clouds.len(), drivers.len(), "one driver per cloud");
         let mut clouds: Vec<Cloud> = config
             .clouds
@@ -303,6 +311,7 @@ impl Fleet {
             leader: Mutex::new(None),
             wake: Notify::new(),
             node_cleanup: OnceLock::new(),
+            metrics,
         })
     }
 
@@ -578,6 +587,7 @@ impl Fleet {
             entry.phase = Phase::Creating;
         }
         debug!(group = %group.config.name, %name, "creating machine");
+        self.metrics.observe_create(&group.config.name);
         let result =
             match tokio::time::timeout(cloud.config.create_timeout, cloud.driver.create(&group.config.name, &name))
                 .await
@@ -609,7 +619,10 @@ impl Fleet {
                 entry.create_in_flight = false;
                 entry.confirmed_at = now;
                 entry.phase = match &machine.state {
-                    MachineState::Failed(f) => Phase::Failed(f.clone()),
+                    MachineState::Failed(f) => {
+                        self.metrics.observe_create_failure(&group.config.name, f.class);
+                        Phase::Failed(f.clone())
+                    }
                     MachineState::Running => Phase::Running,
                     MachineState::Creating => Phase::Creating,
                     MachineState::Deleting => Phase::Deleting,
@@ -628,6 +641,7 @@ impl Fleet {
             }
             Err(e) => {
                 warn!(group = %group.config.name, %name, error = %e, "create failed");
+                self.metrics.observe_create_failure(&group.config.name, e.to_create_failure().class);
                 let Some(entry) = inner.groups[g].entries.get_mut(&name) else { return };
                 entry.create_in_flight = false;
                 if entry.delete_requested && !entry.in_cloud {
@@ -728,6 +742,11 @@ impl Fleet {
                 Err(driver::Error::Timeout(format!("delete did not finish within {:?}", cloud.config.delete_timeout)))
             }
         };
+        let failure = match &result {
+            Ok(()) | Err(driver::Error::NotFound(_)) => None,
+            Err(e) => Some(e.kind()),
+        };
+        self.metrics.observe_delete(&machine.group, failure);
         let mut inner = self.write();
         if term.is_cancelled() {
             return;
@@ -959,6 +978,12 @@ impl Fleet {
                     continue; // deleted after this listing started
                 }
                 let previous = old.remove(&m.name);
+                if let (Some(p), MachineState::Failed(f)) = (&previous, &m.state)
+                    && !matches!(p.phase, Phase::Failed(_))
+                {
+                    // The cloud gave up on a machine after its create call had returned.
+                    self.metrics.observe_create_failure(&m.group, f.class);
+                }
                 let mut phase = match m.state {
                     MachineState::Creating => Phase::Creating,
                     MachineState::Running => Phase::Running,

@@ -39,12 +39,12 @@ impl Error {
     }
 }
 
-fn mentions_quota(message: &str) -> bool {
+pub(crate) fn mentions_quota(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     m.contains("quota exceeded") || m.contains("quotaexceeded") || m.contains("overquota")
 }
 
-fn mentions_no_capacity(message: &str) -> bool {
+pub(crate) fn mentions_no_capacity(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     m.contains("no valid host") || m.contains("insufficient capacity")
 }
@@ -77,7 +77,9 @@ impl From<Error> for driver::Error {
                 Some(_) => driver::Error::InvalidRequest(text),
                 None => http::classify(&h),
             },
-            Error::Auth(auth::Error::NoEndpoint { .. }) => driver::Error::InvalidRequest(text),
+            Error::Auth(auth::Error::NoEndpoint { .. } | auth::Error::Discovery(_)) => {
+                driver::Error::InvalidRequest(text)
+            }
             Error::Auth(auth::Error::Malformed(_)) => driver::Error::Other(text),
             Error::Http(h) => classify(&h),
             Error::Pagination(_) => driver::Error::Other(text),

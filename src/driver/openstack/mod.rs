@@ -20,6 +20,7 @@
 //! `[clouds.NAME]`: one credentials source — `cloud` (+ optional `clouds_file`),
 //! `credentials_file` (YAML of `OS_*` keys), an inline `auth` table, or (none of these) the
 //! `OS_*` environment — and `region_name`, `interface`, `ca_file`, `insecure`,
+//! `allow_plain_http` (`http://` to a host that is not loopback; refused without it),
 //! `request_timeout`, `page_size`.
 //!
 //! `[groups.G.machine]`: `flavor`, `image` (name or id), `networks` (names or ids; none means
@@ -171,6 +172,19 @@ impl CloudSettings {
                 return None;
             }
         };
+        // The password or secret goes to auth_url: never in clear to another host unless the
+        // user says so.
+        if let Err(e) = http::check_url(&credentials.auth_url, allow_plain_http) {
+            let path = match key {
+                "auth" => format!("{}.auth_url", s.key_path("auth")),
+                "driver" => s.path().to_owned(),
+                other => s.key_path(other),
+            };
+            let hint =
+                if matches!(e, http::UrlError::PlainHttp { .. }) { " (allow_plain_http = true opts in)" } else { "" };
+            p.push(path, format!("auth_url {e}{hint}"));
+            return None;
+        }
         Some(CloudSettings {
             interface: interface.or_else(|| credentials.interface.clone()).unwrap_or_else(|| "public".into()),
             region: region_name.or_else(|| credentials.region.clone()),
@@ -667,13 +681,20 @@ fn one_of<T>(mut ids: Vec<T>, what: &str, name: &str) -> Result<T> {
 }
 
 /// How cluster-autoscaler should see a server in ERROR.
+///
+/// Error codes: a failed create call gets the code of its error class (`OUT_OF_RESOURCES` for a
+/// quota or capacity refusal, `INVALID_REQUEST`, `UNAVAILABLE`, ...: see
+/// [`driver::Error::to_create_failure`](super::Error::to_create_failure)). A server Nova put in
+/// ERROR gets the same code for the same cause (a quota or capacity fault is
+/// `OUT_OF_RESOURCES`), and two codes for what only Nova's scheduler reports: `NO_VALID_HOST`
+/// and `SERVER_ERROR` (any other fault).
 fn failure_of(fault: Option<&api::Fault>) -> CreateFailure {
     let message = fault.map(|f| f.message.clone()).filter(|m| !m.is_empty());
-    let lower = message.as_deref().unwrap_or_default().to_ascii_lowercase();
-    let (class, code) = if lower.contains("no valid host") {
+    let text = message.as_deref().unwrap_or_default();
+    let (class, code) = if text.to_ascii_lowercase().contains("no valid host") {
         (ErrorClass::OutOfResources, "NO_VALID_HOST")
-    } else if lower.contains("quota exceeded") {
-        (ErrorClass::OutOfResources, "QUOTA_EXCEEDED")
+    } else if api::mentions_quota(text) || api::mentions_no_capacity(text) {
+        (ErrorClass::OutOfResources, "OUT_OF_RESOURCES")
     } else {
         (ErrorClass::Other, "SERVER_ERROR")
     };
