@@ -6,7 +6,8 @@
 //! # Layout
 //! * [`config`]: the TOML file, read completely, every problem reported at once.
 //! * [`driver`]: the driver trait, the table of driver kinds, one module per cloud, the shared HTTP
-//!   layer of the cloud APIs (`driver::http`), and the metrics decorator.
+//!   layer of the cloud APIs (`driver::http`), the boot-script templates several drivers render
+//!   (`driver::script`), and the metrics decorator.
 //! * [`state`]: the fleet: machines per group, creates and deletes in flight, reconcile.
 //! * [`service`]: the gRPC `CloudProvider` service and the one error-to-status table.
 //! * [`template`]: template nodes for scale-from-zero.

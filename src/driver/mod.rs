@@ -30,6 +30,7 @@ pub mod kamatera;
 pub mod metered;
 pub mod openstack;
 pub mod proxmox;
+pub mod script;
 pub mod simulated;
 pub mod slicer;
 

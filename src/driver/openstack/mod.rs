@@ -42,6 +42,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
+use super::script::{self, Template};
 use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape, http};
 use crate::config::{Problems, Section};
 
@@ -266,52 +267,12 @@ impl GroupSettings {
                 p.push(format!("{}.{key}", s.key_path("metadata")), "is set by Flotilla to mark ownership");
             }
         }
-        let template_file = s.string("user_data_template", p);
-        let template_inline = s.string("user_data", p);
-        let template_data = match s.raw("template_data") {
-            None => serde_json::Map::new(),
-            Some(toml::Value::Table(t)) => match serde_json::to_value(t) {
-                Ok(Value::Object(m)) => m,
-                _ => {
-                    p.push(s.key_path("template_data"), "cannot be used as template data");
-                    serde_json::Map::new()
-                }
-            },
-            Some(_) => {
-                p.push(s.key_path("template_data"), "expected a table");
-                serde_json::Map::new()
-            }
-        };
-        for key in userdata::RESERVED {
-            if template_data.contains_key(*key) {
-                p.push(
-                    format!("{}.{key}", s.key_path("template_data")),
-                    "is filled in by Flotilla; choose another name",
-                );
-            }
-        }
+        let template = Template::read(s, &userdata::KEYS, p);
+        let template_data = script::template_data(s, userdata::RESERVED, p);
         let join_url = s.string("join_url", p);
         let join_token = s.secret("join_token", p);
         let butane = s.boolean("butane", p).unwrap_or(false);
         let butane_binary = s.string("butane_binary", p);
-        let template = match (template_file, template_inline) {
-            (Some(_), Some(_)) => {
-                p.push(s.path(), "give only one of `user_data_template` and `user_data`");
-                None
-            }
-            (Some(file), None) => {
-                let path = p.resolve(&file);
-                match std::fs::read_to_string(&path) {
-                    Ok(t) => Some((t, path.display().to_string())),
-                    Err(e) => {
-                        p.push(s.key_path("user_data_template"), format!("cannot read {}: {e}", path.display()));
-                        None
-                    }
-                }
-            }
-            (None, Some(t)) => Some((t, s.key_path("user_data"))),
-            (None, None) => None,
-        };
         if template.is_none() && (butane || !template_data.is_empty() || join_url.is_some() || join_token.is_some()) {
             p.push(
                 s.path(),
@@ -321,9 +282,8 @@ impl GroupSettings {
         if butane_binary.is_some() && !butane {
             p.push(s.key_path("butane_binary"), "is only used with `butane = true`");
         }
-        let user_data = template.map(|(template, origin)| UserData {
+        let user_data = template.map(|template| UserData {
             template,
-            origin,
             data: template_data,
             join_url,
             join_token,
@@ -333,12 +293,7 @@ impl GroupSettings {
             // A trial render catches syntax errors and misspelt variables before any machine
             // boots with a broken config.
             let name = format!("{cluster}-{group}-check");
-            if let Err(e) = ud.render_template(userdata::Target { cluster, group, name: &name }) {
-                p.push(
-                    s.key_path(if ud.origin.ends_with("user_data") { "user_data" } else { "user_data_template" }),
-                    e.to_string(),
-                );
-            }
+            ud.check(userdata::Target { cluster, group, name: &name }, p);
         }
         if p.items.len() > before {
             return None;

@@ -47,6 +47,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::script::{self, Context, Keys, Template};
 use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape, http};
 use crate::config::{Problems, Section};
 
@@ -60,6 +61,9 @@ const TAG_CLUSTER: &str = "flotilla-c-";
 const TAG_GROUP: &str = "flotilla-g-";
 /// Attempts at a VMID before giving up (each loses only to a concurrent create).
 const VMID_ATTEMPTS: usize = 5;
+/// Where a group's templates are configured (rendered by [`script`], with [`template_context`]).
+const USER_DATA: Keys = Keys { what: "user data", inline: "user_data", file: None };
+const JOIN_COMMAND: Keys = Keys { what: "join command", inline: "join_command", file: None };
 
 /// Keys of `[clouds.NAME]`.
 #[derive(Clone, Debug)]
@@ -95,13 +99,13 @@ pub struct GroupSettings {
     pub ip_pool: Option<IpPool>,
     pub nameservers: Vec<String>,
     pub search_domain: Option<String>,
-    /// minijinja template of the cloud-init user-data, written to `snippets_dir` and referenced
-    /// as `<snippets_storage>:snippets/<file>` (PVE's API cannot upload snippets).
-    pub user_data: Option<String>,
+    /// Template of the cloud-init user-data, written to `snippets_dir` and referenced as
+    /// `<snippets_storage>:snippets/<file>` (PVE's API cannot upload snippets).
+    pub user_data: Option<Template>,
     pub snippets_dir: Option<PathBuf>,
     pub snippets_storage: Option<String>,
-    /// minijinja template of the shell command that joins the node, run through the agent.
-    pub join_command: Option<String>,
+    /// Template of the shell command that joins the node, run through the agent.
+    pub join_command: Option<Template>,
     pub agent_timeout: Duration,
 }
 
@@ -205,7 +209,7 @@ impl CloudSettings {
 }
 
 impl GroupSettings {
-    pub fn parse(group: &str, s: &mut Section<'_>, p: &mut Problems) -> Option<GroupSettings> {
+    pub fn parse(cluster: &str, group: &str, s: &mut Section<'_>, p: &mut Problems) -> Option<GroupSettings> {
         if !is_tag_safe(group) {
             p.push(s.path().to_owned(), "the proxmox driver needs group names of lower-case letters, digits, '-', '_', '.' (they become VM tags)");
         }
@@ -260,22 +264,24 @@ impl GroupSettings {
         };
         let nameservers = s.string_list("nameservers", p);
         let search_domain = s.string("search_domain", p);
-        let user_data = s.string("user_data", p);
+        let user_data = Template::read(s, &USER_DATA, p);
         let snippets_dir = s.string("snippets_dir", p).map(|d| p.resolve(&d));
         let snippets_storage = s.string("snippets_storage", p);
         if user_data.is_some() != (snippets_dir.is_some() && snippets_storage.is_some()) {
             p.push(s.key_path("user_data"), "user_data, snippets_dir and snippets_storage go together");
         }
-        if let Some(text) = &user_data
-            && let Err(e) = minijinja::Environment::new().template_from_str(text)
-        {
-            p.push(s.key_path("user_data"), format!("is not a valid template: {e}"));
-        }
-        let join_command = s.string("join_command", p);
-        if let Some(text) = &join_command
-            && let Err(e) = minijinja::Environment::new().template_from_str(text)
-        {
-            p.push(s.key_path("join_command"), format!("is not a valid template: {e}"));
+        let join_command = Template::read(s, &JOIN_COMMAND, p);
+        // A trial render catches syntax errors and misspelt variables before any VM is made
+        // with a broken snippet or join command.
+        let name = format!("{cluster}-{group}-check");
+        let trial = template_context(
+            script::Target { cluster, group, name: &name },
+            100,
+            nodes.first().map_or("pve", String::as_str),
+            ip_pool.as_ref().map(|pool| pool.first),
+        );
+        for template in [&user_data, &join_command].into_iter().flatten() {
+            template.check(&trial, p);
         }
         let agent_timeout = s.duration("agent_timeout", p).unwrap_or(Duration::from_secs(600));
         Some(GroupSettings {
@@ -298,6 +304,15 @@ impl GroupSettings {
             agent_timeout,
         })
     }
+}
+
+/// The variables of `user_data` and `join_command`: `vmid`, `node`, `ip` (empty with DHCP), and
+/// what every template sees ([`script::Context`]; Proxmox groups have no `template_data`).
+fn template_context(target: script::Target<'_>, vmid: u32, node: &str, ip: Option<Ipv4Addr>) -> Context {
+    Context::new(target, &serde_json::Map::new())
+        .with("vmid", vmid.to_string())
+        .with("node", node)
+        .with("ip", ip.map(|i| i.to_string()).unwrap_or_default())
 }
 
 /// One VM of `/cluster/resources`.
@@ -507,7 +522,7 @@ pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<supe
     let mut groups = HashMap::new();
     let mut prefixes = Vec::new();
     for g in &mut setup.groups {
-        if let Some(s) = GroupSettings::parse(&g.config.name, &mut g.machine, p) {
+        if let Some(s) = GroupSettings::parse(setup.cluster, &g.config.name, &mut g.machine, p) {
             groups.insert(g.config.name.clone(), s);
         }
         prefixes.push((g.config.name.clone(), g.config.name_prefix.clone()));
@@ -841,11 +856,6 @@ impl Proxmox {
         Ok(id)
     }
 
-    fn render(template: &str, vars: &HashMap<&str, String>) -> Result<String> {
-        let env = minijinja::Environment::new();
-        env.render_str(template, vars).map_err(|e| Error::InvalidRequest(format!("cannot render template: {e}")))
-    }
-
     fn snippet_file(name: &str) -> String {
         format!("flotilla-{name}.yaml")
     }
@@ -1047,13 +1057,8 @@ impl Proxmox {
         settings: &GroupSettings,
     ) -> Result<()> {
         let base = format!("/nodes/{node}/qemu/{vmid}");
-        let mut vars: HashMap<&str, String> = HashMap::new();
-        vars.insert("name", name.to_owned());
-        vars.insert("group", group.to_owned());
-        vars.insert("cluster", self.cluster.clone());
-        vars.insert("vmid", vmid.to_string());
-        vars.insert("node", node.to_owned());
-        vars.insert("ip", ip.map(|i| i.to_string()).unwrap_or_default());
+        let vars = template_context(script::Target { cluster: &self.cluster, group, name }, vmid, node, ip);
+        let render = |t: &Template| t.render(&vars).map_err(|e| Error::InvalidRequest(e.to_string()));
 
         let mut form: Vec<(&str, String)> = vec![
             ("tags", format!("{};{TAG_GROUP}{group}", self.cluster_tag())),
@@ -1091,7 +1096,7 @@ impl Proxmox {
         if let (Some(template), Some(dir), Some(storage)) =
             (&settings.user_data, &settings.snippets_dir, &settings.snippets_storage)
         {
-            let text = Self::render(template, &vars)?;
+            let text = render(template)?;
             let file = Self::snippet_file(name);
             tokio::fs::write(dir.join(&file), text).await.map_err(|e| {
                 Error::Other(format!("cannot write user-data snippet {}: {e}", dir.join(&file).display()))
@@ -1102,7 +1107,7 @@ impl Proxmox {
         let upid = self.api.post(&format!("{base}/status/start"), &[]).await?;
         self.api.wait_answer(&upid, self.cloud.task_timeout).await?;
         if let Some(command) = &settings.join_command {
-            let command = Self::render(command, &vars)?;
+            let command = render(command)?;
             self.join(node, vmid, settings, &command).await?;
         }
         Ok(())
