@@ -10,7 +10,7 @@
 //! * [`service`]: the gRPC `CloudProvider` service and the one error-to-status table.
 //! * [`template`]: template nodes for scale-from-zero.
 //! * [`telemetry`]: Prometheus metrics and the health/readiness endpoint.
-//! * [`provider_id`], [`quantity`]: small formats.
+//! * [`provider_id`], [`quantity`]: small formats; [`untrusted`]: caller text made safe to echo.
 //! * [`ctl`]: the `flotilla ctl` client, for calling any RPC by hand.
 //!
 //! [`start`] runs everything on listeners it binds; `main` only parses flags and waits for a
@@ -33,6 +33,7 @@ pub mod service;
 pub mod state;
 pub mod telemetry;
 pub mod template;
+pub mod untrusted;
 
 use config::Config;
 use driver::SharedDriver;

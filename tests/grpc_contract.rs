@@ -182,11 +182,15 @@ async fn a_failed_create_is_reported_as_creating_with_error_info_and_class() {
     let info = failed.2.unwrap();
     assert_eq!(info.instance_error_class, 1, "quota is OutOfResources");
     assert_eq!(info.error_code, "OUT_OF_RESOURCES");
-    // CA then deletes it, which lowers the target and leaves nothing behind.
+    // CA then deletes it, which lowers the target at once; the next listing shows the cloud
+    // kept nothing of it, and it is gone.
     assert_eq!(target_size(&mut c, "small").await, 1);
     delete(&mut c, "small", &[&failed.0]).await.unwrap();
     assert_eq!(target_size(&mut c, "small").await, 0);
+    assert!(nodes(&mut c, "small").await.iter().all(|(_, s, e)| *s == InstanceState::InstanceDeleting && e.is_none()));
+    refresh(&mut c).await.unwrap();
     assert!(nodes(&mut c, "small").await.is_empty());
+    delete(&mut c, "small", &[&failed.0]).await.expect("a repeated delete is a no-op");
     server.stop().await.unwrap();
 }
 
