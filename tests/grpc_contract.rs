@@ -310,7 +310,8 @@ async fn decrease_target_size_only_cancels_capacity_not_yet_created() {
     increase(&mut c, "small", 3).await.unwrap();
     c.node_group_decrease_target_size(decrease(-2)).await.unwrap();
     assert_eq!(target_size(&mut c, "small").await, 1);
-    assert!(sim.machine_names().is_empty());
+    // The two cancelled never reached the cloud; the one create in flight did.
+    assert_eq!(sim.machine_names().len(), 1);
     server.shutdown_token().cancel();
 
     // Existing machines are never removed by DecreaseTargetSize.

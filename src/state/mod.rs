@@ -291,6 +291,8 @@ pub struct Cloud {
     /// Set by the first listing applied: until then the cloud's machines, and so every size of
     /// its groups, are unknown. Written by `reconcile_cloud`, read by every sizing RPC.
     listed: AtomicBool,
+    /// Wakes the callers of [`Fleet::wait_listed`] when `listed` is set.
+    listed_notify: tokio::sync::Notify,
 }
 
 /// Counts of instances per group and phase, for metrics.
@@ -336,6 +338,7 @@ impl Fleet {
                 listing: tokio::sync::Mutex::new(()),
                 health: Mutex::new(CloudHealth::default()),
                 listed: AtomicBool::new(false),
+                listed_notify: tokio::sync::Notify::new(),
             })
             .collect();
         let mut groups = Vec::new();
@@ -399,18 +402,27 @@ impl Fleet {
         }
     }
 
-    /// Returns once group `g`'s cloud has been listed since start, listing it if need be, or
-    /// [`Error::NotListed`] after `state.refresh_timeout`. Immediate once the first listing
-    /// landed; only the first calls after a start wait.
+    /// Returns once group `g`'s cloud has been listed since start, listing it if no listing is
+    /// under way, or [`Error::NotListed`] after `state.refresh_timeout`. Immediate once the
+    /// first listing landed; only the first calls after a start wait.
     pub async fn wait_listed(self: &Arc<Self>, g: usize) -> Result<()> {
         if self.is_listed(g) {
             return Ok(());
         }
         let c = self.groups[g].cloud;
-        let fleet = Arc::clone(self);
-        // Spawned, so a caller that gives up does not cancel the listing half way.
-        let listing = tokio::spawn(async move { fleet.refresh_cloud(c, fleet.started).await });
-        let _ = tokio::time::timeout(self.state_config.refresh_timeout, listing).await;
+        let cloud = &self.clouds[c];
+        let listed = cloud.listed_notify.notified();
+        tokio::pin!(listed);
+        listed.as_mut().enable();
+        if self.is_listed(g) {
+            return Ok(());
+        }
+        if cloud.listing.try_lock().is_ok() {
+            let fleet = Arc::clone(self);
+            // Spawned, so a caller that gives up does not cancel the listing half way.
+            tokio::spawn(async move { fleet.refresh_cloud(c, fleet.started).await });
+        }
+        let _ = tokio::time::timeout(self.state_config.refresh_timeout, listed).await;
         self.check_listed(g)
     }
 
@@ -1004,7 +1016,9 @@ impl Fleet {
             state.entries = fresh;
         }
         drop(inner);
-        cloud.listed.store(true, Ordering::Release);
+        if !cloud.listed.swap(true, Ordering::AcqRel) {
+            cloud.listed_notify.notify_waiters();
+        }
         for (g, machine, provider_id, mark) in deletes {
             self.spawn_delete(g, machine, provider_id, mark);
         }

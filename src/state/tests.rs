@@ -28,6 +28,8 @@ enum Call {
 struct Scripted {
     cloud: Mutex<BTreeMap<String, Machine>>,
     calls: Mutex<VecDeque<Call>>,
+    /// While set, listings fail (the cloud is down).
+    down: std::sync::atomic::AtomicBool,
 }
 
 fn cloud_id(name: &str) -> String {
@@ -109,6 +111,9 @@ impl Driver for Scripted {
     }
 
     async fn list(&self) -> driver::Result<Vec<Machine>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(driver::Error::Unavailable("503".into()));
+        }
         Ok(self.listing())
     }
 
@@ -663,4 +668,18 @@ async fn an_accepted_delete_survives_a_restart() {
     list_now(&g, &d);
     assert!(instances(&g).is_empty());
     assert!(d.names().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_sizing_call_after_a_start_waits_for_a_listing_and_gives_up_after_refresh_timeout() {
+    let (f, d) = scripted(0);
+    d.put("m", MachineState::Running);
+    d.down.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    assert!(matches!(f.wait_listed(0).await, Err(Error::NotListed { .. })));
+    assert_eq!(started.elapsed(), f.state_config.refresh_timeout);
+    d.down.store(false, Ordering::SeqCst);
+    f.wait_listed(0).await.unwrap();
+    assert!(f.is_listed(0));
+    assert_eq!(f.target_size(0), 1, "sized from the listing");
 }
