@@ -9,7 +9,8 @@
 //! * [`state`]: the fleet: machines per group, creates and deletes in flight, reconcile.
 //! * [`service`]: the gRPC `CloudProvider` service and the one error-to-status table.
 //! * [`template`]: template nodes for scale-from-zero.
-//! * [`telemetry`]: Prometheus metrics and the health/readiness endpoint.
+//! * [`telemetry`]: Prometheus metrics and the health/readiness endpoint; [`logging`]: the log
+//!   set-up, which keeps secrets out of every level.
 //! * [`provider_id`], [`quantity`]: small formats; [`untrusted`]: caller text made safe to echo.
 //! * [`ctl`]: the `flotilla ctl` client, for calling any RPC by hand.
 //!
@@ -26,6 +27,7 @@ use tracing::{info, warn};
 pub mod config;
 pub mod ctl;
 pub mod driver;
+pub mod logging;
 pub mod proto;
 pub mod provider_id;
 pub mod quantity;
