@@ -1,5 +1,6 @@
-//! Secrets never reach a log, at any level: logs are captured at TRACE, through the same layer
-//! `flotilla serve` logs with, while a driver sends its secrets to a cloud, and searched.
+//! What reaches the logs, captured at TRACE through the same layer `flotilla serve` logs with:
+//! never a secret, at any level, while a driver sends its secrets to a cloud; never a line a
+//! caller forged.
 
 mod support;
 
@@ -126,4 +127,22 @@ async fn without_the_cap_the_engine_client_logs_the_token() {
     let plain = tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(logs.clone()).finish();
     let text = create_logging_to(plain, &logs).await;
     assert!(text.contains(K3S_TOKEN), "bollard no longer logs bodies:\n{text}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_caller_cannot_forge_a_log_line() {
+    let logs = Captured::default();
+    let layer = flotilla::logging::layer(LogFormat::Text, EnvFilter::new("trace"), logs.clone());
+    let _current = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let (server, mut c) = support::start(
+        "cluster_name = \"t\"\n[clouds.sim]\ndriver = \"simulated\"\n[groups.g]\ncloud = \"sim\"\nmax_size = 3\n",
+    )
+    .await;
+    let forged = "simulated://t/x\n2026-01-01T00:00:00Z  INFO flotilla: FORGED";
+    support::delete(&mut c, "g", &[forged]).await.unwrap_err();
+    support::increase(&mut c, "g\nFORGED", 1).await.unwrap_err();
+    server.stop().await.unwrap();
+    let text = logs.text();
+    assert!(text.contains("rpc failed"), "the failures were logged:\n{text}");
+    assert!(text.lines().all(|l| !l.contains("FORGED") || l.contains("rpc failed")), "{text}");
 }
