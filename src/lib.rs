@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! * [`config`]: the TOML file, read completely, every problem reported at once.
-//! * [`driver`]: the driver trait, one module per cloud, and the metrics decorator.
+//! * [`driver`]: the driver trait, the table of driver kinds, one module per cloud, the shared HTTP
+//!   layer of the cloud APIs (`driver::http`), and the metrics decorator.
 //! * [`state`]: the fleet: machines per group, creates and deletes in flight, reconcile.
 //! * [`service`]: the gRPC `CloudProvider` service and the one error-to-status table.
 //! * [`template`]: template nodes for scale-from-zero.
@@ -119,6 +120,21 @@ pub fn load(path: Option<&std::path::Path>) -> Result<(Config, Vec<SharedDriver>
     let Some(config) = config else { return Err(problems) };
     let drivers = driver::build(&config, &mut problems);
     if problems.is_empty() { Ok((config, drivers)) } else { Err(problems) }
+}
+
+/// Contacts every cloud once (`check-config --probe`): credentials, and whatever each driver
+/// can check of its groups there. A cloud that does not answer within a minute is a problem.
+pub async fn probe(config: &Config, drivers: &[SharedDriver]) -> config::Problems {
+    let mut problems = config::Problems::new(config.source.clone(), config.base_dir.clone());
+    for (cloud, driver) in config.clouds.iter().zip(drivers) {
+        let path = format!("clouds.{}", cloud.name);
+        match tokio::time::timeout(std::time::Duration::from_secs(60), driver.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => problems.push(path, e.to_string()),
+            Err(_) => problems.push(path, "no answer within 60s"),
+        }
+    }
+    problems
 }
 
 /// Builds the drivers the configuration names.

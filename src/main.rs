@@ -23,6 +23,10 @@ enum Command {
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also contact every cloud: credentials, and whether each group can work there
+        /// (e.g. a Proxmox template whose clones cannot reach any allowed node).
+        #[arg(long)]
+        probe: bool,
     },
     /// Call one RPC of a running server by hand.
     Ctl {
@@ -84,8 +88,15 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match flotilla::load(Some(&config)) {
-            Ok((c, _)) => {
+        Command::CheckConfig { config, probe } => match flotilla::load(Some(&config)) {
+            Ok((c, drivers)) => {
+                if probe {
+                    let problems = flotilla::probe(&c, &drivers).await;
+                    if !problems.is_empty() {
+                        eprint!("{problems}");
+                        return ExitCode::FAILURE;
+                    }
+                }
                 println!("{}: ok ({} clouds, {} node groups)", c.source, c.clouds.len(), c.groups.len());
                 ExitCode::SUCCESS
             }

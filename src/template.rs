@@ -41,6 +41,7 @@ impl Template {
         let pods = t.pods.unwrap_or(DEFAULT_PODS);
         let gpus = t.gpus.or(shape.gpus).unwrap_or(0);
         let instance_type = t.instance_type.clone().or(shape.instance_type);
+        let arch = t.arch.clone().or(shape.arch).unwrap_or_else(|| "amd64".to_owned());
         let name = format!("{}-template", group.name);
 
         let mut capacity = BTreeMap::new();
@@ -75,8 +76,8 @@ impl Template {
         };
         put("kubernetes.io/os", &t.os);
         put("beta.kubernetes.io/os", &t.os);
-        put("kubernetes.io/arch", &t.arch);
-        put("beta.kubernetes.io/arch", &t.arch);
+        put("kubernetes.io/arch", &arch);
+        put("beta.kubernetes.io/arch", &arch);
         put("kubernetes.io/hostname", &name);
         if let Some(it) = &instance_type {
             put("node.kubernetes.io/instance-type", it);
@@ -133,7 +134,7 @@ impl Template {
                 ],
                 node_info: Some(k8s::NodeSystemInfo {
                     operating_system: t.os.clone(),
-                    architecture: t.arch.clone(),
+                    architecture: arch,
                     ..Default::default()
                 }),
             }),

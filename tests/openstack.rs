@@ -820,3 +820,177 @@ async fn user_data_over_novas_limit_is_refused_before_any_call() {
     assert_eq!(fake.count(Method::POST, "/compute/v2.1/servers"), 0);
     fake.assert_clean();
 }
+
+// Keystone version discovery: an auth_url without /v3, as DevStack and many clouds.yaml files
+// give it, is resolved the way keystoneauth (and so the OpenStack CLI) does.
+
+#[tokio::test]
+async fn an_auth_url_without_v3_is_discovered_from_the_version_document() {
+    for (discovery, suffix) in [
+        (fake::Discovery::MultipleChoices, ""),
+        (fake::Discovery::MultipleChoices, "/"),
+        (fake::Discovery::Ok, ""),
+        (fake::Discovery::OkList, "/"),
+    ] {
+        let fake = Fake::start().await;
+        fake.set_discovery(discovery);
+        add(&fake, "dev-cluster-workers-aaaaa", &ours("workers"));
+        let text = config_text(&fake, "", PLAIN_MACHINE)
+            .replace(&fake.auth_url(), &format!("{}{suffix}", fake.unversioned_auth_url()));
+        let driver = driver_of(&text);
+        assert_eq!(driver.list().await.unwrap().len(), 1, "{discovery:?}");
+        // A new token later needs no new discovery.
+        fake.revoke_tokens();
+        driver.list().await.unwrap();
+        let identity: Vec<String> = fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/identity"))
+            .map(|r| format!("{} {} {}", r.method, r.path, r.status))
+            .collect();
+        assert_eq!(
+            identity,
+            [
+                // The trailing slash of an auth_url is dropped, as the CLI does.
+                format!("GET /identity {}", if discovery == fake::Discovery::MultipleChoices { 300 } else { 200 }),
+                "POST /identity/v3/auth/tokens 201".to_owned(),
+                "POST /identity/v3/auth/tokens 201".to_owned(),
+            ],
+            "{discovery:?}"
+        );
+        fake.assert_clean();
+    }
+}
+
+#[tokio::test]
+async fn a_keystone_without_v3_is_a_clear_error() {
+    let fake = Fake::start().await;
+    fake.set_discovery(fake::Discovery::OnlyV2);
+    let text = config_text(&fake, "", PLAIN_MACHINE).replace(&fake.auth_url(), &fake.unversioned_auth_url());
+    let driver = driver_of(&text);
+    let e = driver.check().await.unwrap_err();
+    assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("offers no identity v3 API (it offers: v2.0)")), "{e}");
+    assert_eq!(fake.tokens_issued(), 0);
+    fake.assert_clean();
+}
+
+// Plain http only to loopback, unless the user opts in.
+
+#[test]
+fn plain_http_to_a_remote_keystone_is_refused_unless_opted_in() {
+    let text = |auth_url: &str, extra: &str| {
+        format!(
+            "cluster_name = \"c\"\n[clouds.os]\ndriver = \"openstack\"\n{extra}\n[clouds.os.auth]\n\
+             auth_url = \"{auth_url}\"\napplication_credential_id = \"x\"\napplication_credential_secret = \"y\"\n\
+             [groups.g]\ncloud = \"os\"\nmax_size = 1\n[groups.g.machine]\n{PLAIN_MACHINE}"
+        )
+    };
+    let problems = |t: String| {
+        let config = flotilla::config::Config::parse(&t, "test.toml", std::path::Path::new(".")).unwrap();
+        flotilla::build_drivers(&config).err().map(|p| p.items).unwrap_or_default()
+    };
+    for url in
+        ["http://keystone.example:5000/v3", "http://127.0.0.1.example.com/identity", "http://localhost.example.com/v3"]
+    {
+        let p = problems(text(url, ""));
+        assert_eq!(p.len(), 1, "{url}: {p:?}");
+        assert_eq!(p[0].path, "clouds.os.auth.auth_url");
+        assert!(p[0].message.contains("plain http://") && p[0].message.contains("allow_plain_http = true"), "{p:?}");
+    }
+    assert!(problems(text("http://keystone.example:5000/v3", "allow_plain_http = true")).is_empty());
+    assert!(problems(text("http://127.0.0.1:5000/v3", "")).is_empty());
+    assert!(problems(text("https://keystone.example:5000/v3", "")).is_empty());
+
+    // The same from a credentials file: the problem names the key that points at it.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("openrc.yaml");
+    std::fs::write(
+        &file,
+        "OS_AUTH_URL: http://keystone.example:5000/v3\nOS_USERNAME: u\nOS_PASSWORD: p\nOS_USER_DOMAIN_NAME: Default\n",
+    )
+    .unwrap();
+    let t = format!(
+        "cluster_name = \"c\"\n[clouds.os]\ndriver = \"openstack\"\ncredentials_file = \"{}\"\n\
+         [groups.g]\ncloud = \"os\"\nmax_size = 1\n[groups.g.machine]\n{PLAIN_MACHINE}",
+        file.display()
+    );
+    let p = problems(t);
+    assert!(p.len() == 1 && p[0].path == "clouds.os.credentials_file", "{p:?}");
+}
+
+// YAML values are the text they are written as.
+
+#[test]
+fn numeric_looking_credentials_are_read_as_the_text_they_are() {
+    let file = "OS_AUTH_URL: https://keystone.example/v3\nOS_USERNAME: 0010\nOS_PASSWORD: 1.10\n\
+                OS_USER_DOMAIN_NAME: Default\nOS_PROJECT_NAME: 0x1F\nOS_REGION_NAME: 1e3\nOS_IDENTITY_API_VERSION: 3\n";
+    let c = Credentials::from_credentials_file(file).unwrap();
+    let flotilla::driver::openstack::auth::Method::Password { user, password, project: Some(project) } = &c.method
+    else {
+        panic!("{:?}", c.method)
+    };
+    assert_eq!(password.expose(), "1.10");
+    assert_eq!(user.name.as_deref(), Some("0010"));
+    assert_eq!(project.name.as_deref(), Some("0x1F"));
+    assert_eq!(c.region.as_deref(), Some("1e3"));
+
+    let clouds = "clouds:\n  odd:\n    - not: a map\n  mine:\n    region_name: 2.50\n    verify: false\n    \
+                  identity_api_version: 3\n    auth:\n      auth_url: https://keystone.example/v3\n      \
+                  username: admin\n      password: 0x1F\n      user_domain_name: Default\n      project_id: 1.10\n";
+    let c = Credentials::from_clouds_yaml(clouds, "mine").unwrap();
+    let flotilla::driver::openstack::auth::Method::Password { password, project: Some(project), .. } = &c.method else {
+        panic!("{:?}", c.method)
+    };
+    assert_eq!(password.expose(), "0x1F");
+    assert_eq!(project.id.as_deref(), Some("1.10"));
+    assert_eq!(c.region.as_deref(), Some("2.50"));
+    assert!(c.insecure);
+    let missing = Credentials::from_clouds_yaml(clouds, "theirs").unwrap_err();
+    assert!(missing.contains("odd, mine"), "{missing}");
+}
+
+// One error code per cause.
+
+#[tokio::test]
+async fn a_quota_error_has_one_code_whether_nova_refuses_the_create_or_fails_the_server() {
+    let fake = Fake::start().await;
+    let driver = driver_of(&config_text(&fake, "", PLAIN_MACHINE));
+    // Refused by the create call (what the core reports for a failed create).
+    fake.set_quota(Some(0), 403);
+    let refused = driver.create("workers", "dev-cluster-workers-aaaaa").await.unwrap_err().to_create_failure();
+    // Accepted, then failed by Nova.
+    fake.set_quota(None, 403);
+    fake.fail_next_boot("Quota exceeded for cores: Requested 4, but already used 20 of 20 cores");
+    let m = driver.create("workers", "dev-cluster-workers-bbbbb").await.unwrap();
+    let listed = driver.list().await.unwrap();
+    let MachineState::Failed(failed) = &listed.iter().find(|l| l.id == m.id).unwrap().state else {
+        panic!("{listed:?}")
+    };
+    assert_eq!((refused.class, refused.code.as_str()), (ErrorClass::OutOfResources, "OUT_OF_RESOURCES"));
+    assert_eq!((failed.class, failed.code.as_str()), (refused.class, refused.code.as_str()));
+    fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_delete_whose_answer_was_lost_is_sent_again_and_counts_as_done() {
+    let fake = Fake::start().await;
+    let driver = driver_of(&config_text(&fake, "", PLAIN_MACHINE));
+    let m = driver.create("workers", "dev-cluster-workers-aaaaa").await.unwrap();
+    let path = format!("/compute/v2.1/servers/{}", m.id);
+    fake.lose_next_answer(Method::DELETE, &path, 504, json!("504 Gateway Time-out"));
+    let done = driver.delete(&MachineRef::from(&m)).await;
+    // Nova deleted it the first time; the repeat finds it gone, which the core counts as done.
+    assert!(matches!(done, Ok(()) | Err(Error::NotFound(_))), "{done:?}");
+    assert!(fake.servers().is_empty());
+    assert_eq!(fake.count(Method::DELETE, &m.id), 2);
+    // A create is never sent twice, whatever its answer.
+    fake.lose_next_answer(
+        Method::POST,
+        "/compute/v2.1/servers",
+        503,
+        json!({"computeFault": {"code": 503, "message": "Service Unavailable"}}),
+    );
+    driver.create("workers", "dev-cluster-workers-bbbbb").await.unwrap_err();
+    assert_eq!(fake.count(Method::POST, "/compute/v2.1/servers"), 2, "one create each, no repeat");
+    fake.assert_clean();
+}

@@ -5,7 +5,7 @@ mod support;
 
 use std::{collections::HashSet, time::Duration};
 
-use fake::Fake;
+use fake::{Fake, FaultAction, HttpServer};
 use flotilla::driver::{Error, MachineRef, MachineState, SharedDriver};
 use flotilla::proto::externalgrpc::instance_status::InstanceState;
 
@@ -65,9 +65,11 @@ async fn a_create_clones_configures_starts_and_marks_the_vm() {
     assert_eq!(m.state, MachineState::Running);
     assert_eq!(m.id, "100");
     let s = t.fake.state();
-    // pve2 has the most free memory.
+    // pve2 has the most free memory, but the target storage local-lvm is not shared: PVE
+    // clones to it only on the template's node.
     let vm = &s.vms[&100];
-    assert_eq!(vm.node, "pve2");
+    assert_eq!(vm.node, "pve1");
+    assert_eq!(vm.config["scsi0"], "local-lvm:vm-100-disk-0,size=8G");
     assert_eq!(vm.status, "running");
     assert_eq!(vm.config["tags"], "flotilla-c-prod;flotilla-g-workers");
     assert_eq!(vm.config["ipconfig0"], "ip=10.0.0.10/24,gw=10.0.0.1");
@@ -80,7 +82,7 @@ async fn a_create_clones_configures_starts_and_marks_the_vm() {
     let clone = &s.calls("POST", "qemu/9000/clone")[0];
     assert_eq!(clone.path, "nodes/pve1/qemu/9000/clone");
     assert_eq!(clone.param("newid"), Some("100"));
-    assert_eq!(clone.param("target"), Some("pve2"));
+    assert_eq!(clone.param("target"), Some("pve1"));
     assert_eq!(clone.param("full"), Some("1"));
     assert_eq!(clone.param("storage"), Some("local-lvm"));
     assert_eq!(clone.param("name"), Some("prod-workers-abcde"));
@@ -102,8 +104,8 @@ async fn a_create_clones_configures_starts_and_marks_the_vm() {
             "GET cluster/resources",
             "GET cluster/nextid",
             "POST nodes/pve1/qemu/9000/clone",
-            "PUT nodes/pve2/qemu/100/config",
-            "POST nodes/pve2/qemu/100/status/start"
+            "PUT nodes/pve1/qemu/100/config",
+            "POST nodes/pve1/qemu/100/status/start"
         ]
     );
     drop(s);
@@ -571,5 +573,218 @@ async fn an_exhausted_pool_reaches_cluster_autoscaler_as_out_of_resources() {
     assert_eq!(failure.error_code, "OUT_OF_RESOURCES");
     assert!(failure.error_message.contains("exhausted"), "{failure:?}");
     server.stop().await.unwrap();
+    t.fake.assert_clean();
+}
+
+// Placement: PVE clones to another node only when the template's volumes and the target
+// storage are shared (qemu-server `clone_vm`); the fake refuses exactly as PVE does.
+
+#[tokio::test]
+async fn with_a_shared_template_and_storage_clones_go_to_the_node_with_the_most_free_memory() {
+    let t = Setup::new().await;
+    let d = t.driver(&t.toml("", "storage = \"ceph\"\n"));
+    d.create("workers", "prod-workers-sh001").await.unwrap();
+    d.create("workers", "prod-workers-sh002").await.unwrap();
+    let s = t.fake.state();
+    assert_eq!(s.vms[&100].node, "pve2");
+    assert_eq!(s.vms[&100].config["scsi0"], "ceph:vm-100-disk-0,size=8G");
+    // The template's volumes are read once, then known.
+    assert_eq!(s.calls("GET", "qemu/9000/config").len(), 1);
+    drop(s);
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_template_on_local_storage_is_cloned_only_on_its_own_node() {
+    let t = Setup::new().await;
+    t.fake.state().move_volumes(9000, "local-lvm");
+    let d = t.driver(&t.toml("", ""));
+    d.create("workers", "prod-workers-lo001").await.unwrap();
+    d.create("workers", "prod-workers-lo002").await.unwrap();
+    let s = t.fake.state();
+    // pve2 has more memory free, but PVE would refuse it: "(VM uses local storage)".
+    assert_eq!([s.vms[&100].node.as_str(), s.vms[&101].node.as_str()], ["pve1", "pve1"]);
+    assert!(s.calls("POST", "/clone").iter().all(|c| c.param("target") == Some("pve1")));
+    drop(s);
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_group_whose_clones_cannot_reach_an_allowed_node_fails_clearly_and_the_check_says_why() {
+    let t = Setup::new().await;
+    t.fake.state().move_volumes(9000, "local-lvm");
+    let d = t.driver(&t.toml("", "nodes = [\"pve2\"]\n"));
+    let e = d.create("workers", "prod-workers-no001").await.unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidRequest(m) if m.contains("local storage 'local-lvm'") && m.contains("pve1") && m.contains("pve2")),
+        "{e}"
+    );
+    let e = d.check().await.unwrap_err();
+    assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("group workers") && m.contains("local-lvm")), "{e}");
+
+    // A shared template, but a target storage that is not shared.
+    t.fake.state().move_volumes(9000, "ceph");
+    let d = t.driver(&t.toml("", "nodes = [\"pve2\"]\nstorage = \"local-lvm\"\n"));
+    let e = d.create("workers", "prod-workers-no002").await.unwrap_err();
+    assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("'local-lvm' is not shared")), "{e}");
+    assert!(matches!(d.check().await, Err(Error::InvalidRequest(_))));
+
+    // A target storage that is not on the template's node.
+    t.fake.state().storage_mut("ceph").nodes = Some(vec!["pve2".into()]);
+    let d = t.driver(&t.toml("", "storage = \"ceph\"\n"));
+    let e = d.create("workers", "prod-workers-no003").await.unwrap_err();
+    assert!(matches!(&e, Error::InvalidRequest(m) if m.contains("not available on node 'pve1'")), "{e}");
+    let e = d.check().await.unwrap_err();
+    assert!(e.to_string().contains("not available on node 'pve1'"), "{e}");
+
+    // A working configuration passes.
+    t.fake.state().storage_mut("ceph").nodes = None;
+    t.driver(&t.toml("", "storage = \"ceph\"\n")).check().await.unwrap();
+    assert!(t.fake.state().calls("POST", "/clone").is_empty(), "nothing was cloned");
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn clones_that_must_stay_on_an_offline_node_wait_for_it() {
+    let t = Setup::new().await;
+    {
+        let mut s = t.fake.state();
+        s.move_volumes(9000, "local-lvm");
+        s.nodes[0].online = false;
+    }
+    let d = t.driver(&t.toml("", ""));
+    let e = d.create("workers", "prod-workers-off01").await.unwrap_err();
+    assert!(matches!(&e, Error::Unavailable(m) if m.contains("pve1 is offline")), "{e}");
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn without_sight_of_the_storage_configuration_clones_stay_on_the_template_node() {
+    let t = Setup::new().await;
+    t.fake.state().faults.storages_hidden = true;
+    let d = t.driver(&t.toml("", ""));
+    d.create("workers", "prod-workers-hid01").await.unwrap();
+    assert_eq!(t.fake.state().vms[&100].node, "pve1");
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn the_fake_refuses_the_clones_pve_refuses() {
+    let t = Setup::new().await;
+    t.fake.state().move_volumes(9000, "local-lvm");
+    let http = reqwest::Client::new();
+    let clone = |form: Vec<(&'static str, &'static str)>| {
+        http.post(format!("{}/api2/json/nodes/pve1/qemu/9000/clone", t.fake.url()))
+            .header("Authorization", format!("PVEAPIToken={}={}", fake::TOKEN_ID, fake::TOKEN_SECRET))
+            .form(&form)
+            .send()
+    };
+    let reason = |r: &reqwest::Response| {
+        r.extensions().get::<hyper::ext::ReasonPhrase>().map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned())
+    };
+    let r = clone(vec![("newid", "100"), ("target", "pve2"), ("full", "1")]).await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(reason(&r).as_deref(), Some("can't clone VM to node 'pve2' (VM uses local storage)"));
+    let r = clone(vec![("newid", "100"), ("target", "pve2"), ("storage", "local-lvm")]).await.unwrap();
+    assert_eq!(reason(&r).as_deref(), Some("can't clone to non-shared storage 'local-lvm'"));
+    let r = clone(vec![("newid", "100"), ("storage", "local")]).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"]["storage"], "storage 'local' does not support vm images");
+    // On its own node it works.
+    let r = clone(vec![("newid", "100"), ("full", "1")]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(t.fake.state().vms[&100].node, "pve1");
+    t.fake.assert_clean();
+}
+
+// PVE before libpve-http-server-perl 5.2 writes errors only in the HTTP status line.
+
+#[tokio::test]
+async fn errors_only_in_the_status_line_are_understood_as_well_as_errors_in_the_body() {
+    for server in [HttpServer::Legacy, HttpServer::Modern] {
+        let t = Setup::new().await;
+        t.fake.set_http_server(server);
+        let d = t.driver(&t.toml("", ""));
+        // The VMID race: "unable to create VM 100: config file already exists".
+        t.fake.state().faults.steal_next_id = 1;
+        assert_eq!(d.create("workers", "prod-workers-race1").await.unwrap().id, "101", "{server:?}");
+        // A failed start: the stop of the cleanup is answered "VM 102 not running", and the
+        // VM is destroyed all the same.
+        t.fake.state().faults.fail_next_task.insert("qmstart".into(), "start failed: not enough memory".into());
+        let e = d.create("workers", "prod-workers-fail1").await.unwrap_err();
+        assert!(matches!(e, Error::OutOfResources(_)), "{server:?}: {e}");
+        assert!(!t.fake.state().vms.contains_key(&102), "{server:?}: the failed VM was destroyed");
+        // A destroy answered "does not exist": the VM is gone, the delete is done.
+        t.fake.inject(
+            "DELETE",
+            "qemu/101",
+            1,
+            FaultAction::Fail {
+                status: 500,
+                message: "Configuration file 'nodes/pve2/qemu-server/101.conf' does not exist".into(),
+            },
+        );
+        let m = MachineRef { group: "workers".into(), name: "prod-workers-race1".into(), id: "101".into() };
+        let e = d.delete(&m).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{server:?}: {e}");
+        // Out of resources, said synchronously.
+        t.fake.inject(
+            "POST",
+            "/clone",
+            1,
+            FaultAction::Fail { status: 500, message: "clone failed: not enough free space in storage 'ceph'".into() },
+        );
+        let e = d.create("workers", "prod-workers-oor01").await.unwrap_err();
+        assert!(matches!(&e, Error::OutOfResources(m) if m.contains("not enough free space")), "{server:?}: {e}");
+        t.fake.assert_clean();
+    }
+}
+
+// The plain-http guard parses the URL (it was a prefix match).
+
+#[test]
+fn plain_http_is_refused_unless_the_host_really_is_loopback_or_the_user_opts_in() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), fake::TOKEN_SECRET).unwrap();
+    let problems = |url: &str, extra: &str| {
+        let text = format!(
+            "cluster_name = \"prod\"\n[clouds.pve]\ndriver = \"proxmox\"\nurl = \"{url}\"\n{extra}\n\
+             token_id = \"{}\"\ntoken_secret = {{ file = \"{}\" }}\n\
+             [groups.workers]\ncloud = \"pve\"\nmax_size = 1\n[groups.workers.machine]\ntemplate = 9000\n",
+            fake::TOKEN_ID,
+            dir.path().join("token").display()
+        );
+        match flotilla::build_drivers(&support::config(&text)) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.items.into_iter().map(|i| format!("{}: {}", i.path, i.message)).collect::<Vec<_>>(),
+        }
+    };
+    for url in ["http://127.0.0.1.example.com:8006", "http://localhost.example.com:8006", "http://pve.example:8006"] {
+        let p = problems(url, "");
+        assert!(p.len() == 1 && p[0].starts_with("clouds.pve.url: plain http://"), "{url}: {p:?}");
+        assert!(p[0].contains("allow_plain_http = true"), "{p:?}");
+    }
+    for url in ["http://127.0.0.1:8006", "http://localhost:8006", "http://[::1]:8006", "https://pve.example:8006"] {
+        assert_eq!(problems(url, ""), Vec::<String>::new(), "{url}");
+    }
+    assert_eq!(problems("http://pve.example:8006", "allow_plain_http = true"), Vec::<String>::new());
+    let p = problems("https://root:secret@pve.example:8006", "");
+    assert!(p.len() == 1 && !p[0].contains("secret"), "{p:?}");
+}
+
+#[tokio::test]
+async fn check_config_probe_names_the_group_whose_clones_have_nowhere_to_go() {
+    let t = Setup::new().await;
+    t.fake.state().move_volumes(9000, "local-lvm");
+    let config = support::config(&t.toml("", "nodes = [\"pve2\"]\n"));
+    let drivers = flotilla::build_drivers(&config).unwrap();
+    let problems = flotilla::probe(&config, &drivers).await;
+    assert_eq!(problems.items.len(), 1, "{problems}");
+    assert_eq!(problems.items[0].path, "clouds.pve");
+    assert!(problems.items[0].message.contains("group workers: template 9000 is on pve1"), "{problems}");
+    let config = support::config(&t.toml("", ""));
+    let drivers = flotilla::build_drivers(&config).unwrap();
+    assert!(flotilla::probe(&config, &drivers).await.is_empty());
     t.fake.assert_clean();
 }

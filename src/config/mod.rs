@@ -165,7 +165,8 @@ pub struct TemplateConfig {
     pub instance_type: Option<String>,
     pub zone: Option<String>,
     pub region: Option<String>,
-    pub arch: String,
+    /// `None`: the driver's shape says, else `amd64`.
+    pub arch: Option<String>,
     pub os: String,
     pub labels: BTreeMap<String, String>,
     pub taints: Vec<Taint>,
@@ -520,12 +521,7 @@ const TAINT_EFFECTS: &[&str] = &["NoSchedule", "PreferNoSchedule", "NoExecute"];
 
 fn parse_template(section: Option<Section<'_>>, group_path: &str, p: &mut Problems) -> TemplateConfig {
     let Some(mut s) = section else {
-        return TemplateConfig {
-            gpu_resource: "nvidia.com/gpu".into(),
-            arch: "amd64".into(),
-            os: "linux".into(),
-            ..Default::default()
-        };
+        return TemplateConfig { gpu_resource: "nvidia.com/gpu".into(), os: "linux".into(), ..Default::default() };
     };
     let mut t = TemplateConfig {
         cpu_millis: s.cpu("cpu", p),
@@ -538,7 +534,7 @@ fn parse_template(section: Option<Section<'_>>, group_path: &str, p: &mut Proble
         instance_type: s.string("instance_type", p),
         zone: s.string("zone", p),
         region: s.string("region", p),
-        arch: s.string("arch", p).unwrap_or_else(|| "amd64".into()),
+        arch: s.string("arch", p),
         os: s.string("os", p).unwrap_or_else(|| "linux".into()),
         labels: s.string_map("labels", p),
         taints: Vec::new(),

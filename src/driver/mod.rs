@@ -25,13 +25,15 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
-use crate::config::{CLOUD_KEYS, Config, Problems, Section};
+use crate::config::{CLOUD_KEYS, CloudConfig, Config, GroupConfig, Problems, Section};
 
 pub mod docker;
+pub mod http;
 pub mod metered;
 pub mod openstack;
 pub mod proxmox;
 pub mod simulated;
+pub mod slicer;
 
 /// One machine as the cloud reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,7 +65,10 @@ pub enum MachineState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CreateFailure {
     pub class: ErrorClass,
-    /// A short machine-readable code, e.g. `QUOTA_EXCEEDED`.
+    /// A short machine-readable code: the error class for a failed create call
+    /// (`OUT_OF_RESOURCES`, `INVALID_REQUEST`, ...), the same code for the same cause when the
+    /// cloud fails a machine later, or a cloud's own verdict with no create-call counterpart
+    /// (`NO_VALID_HOST`, `INTERRUPTED`).
     pub code: String,
     pub message: String,
 }
@@ -95,6 +100,8 @@ pub struct Shape {
     pub ephemeral_storage_bytes: Option<u64>,
     pub gpus: Option<u64>,
     pub instance_type: Option<String>,
+    /// `kubernetes.io/arch` of the machines (`amd64`, `arm64`), when the cloud knows it.
+    pub arch: Option<String>,
 }
 
 /// A machine the core asks a driver to delete.
@@ -210,162 +217,165 @@ pub trait Driver: Send + Sync + fmt::Debug {
 /// A driver shared between the state layer and its background tasks.
 pub type SharedDriver = Arc<dyn Driver>;
 
-/// Drivers Flotilla knows, for messages.
-pub const KINDS: &[&str] = &["simulated", "docker", "openstack", "proxmox"];
+/// What a driver's constructor gets: its keys and the core's view of its cloud and groups.
+///
+/// The registry marks the core's keys of `[clouds.NAME]` as read before the constructor runs,
+/// and checks for unknown keys in `section` and every group's `machine` after it returns, so a
+/// constructor only reads the keys it knows.
+#[derive(Debug)]
+pub struct CloudSetup<'a> {
+    /// `cluster_name` of the configuration.
+    pub cluster: &'a str,
+    /// The cloud's core settings (name, region, concurrency, timeouts).
+    pub cloud: &'a CloudConfig,
+    /// The driver's keys of `[clouds.NAME]`.
+    pub section: Section<'a>,
+    /// The groups on this cloud, in configuration order.
+    pub groups: Vec<GroupSetup<'a>>,
+    /// The node label cluster-autoscaler reads GPU types from.
+    pub gpu_label: &'a str,
+}
 
-/// The provider-id format a driver's machines get unless a group says otherwise: what the
-/// node's kubelet or cloud controller sets.
-pub fn default_provider_id(driver: &str) -> &'static str {
-    match driver {
-        "simulated" => "simulated://{cluster}/{name}",
-        // What the OpenStack cloud controller manager sets.
-        "openstack" => "openstack:///{id}",
-        "proxmox" => "proxmox://{region}/{id}",
-        // What a k3s agent registers: its node name is the container's hostname.
-        "docker" => "k3s://{name}",
-        _ => "{name}",
+/// One group of a [`CloudSetup`].
+#[derive(Debug)]
+pub struct GroupSetup<'a> {
+    /// The group's core settings (name, name_prefix, provider_id, sizes, template).
+    pub config: &'a GroupConfig,
+    /// `[groups.NAME.machine]`, the driver's keys for this group.
+    pub machine: Section<'a>,
+}
+
+impl GroupSetup<'_> {
+    pub fn name(&self) -> &str {
+        &self.config.name
     }
 }
 
-/// Builds one driver per cloud (in configuration order), reading each driver's own keys from
-/// its `[clouds.NAME]` table and its groups' `machine` tables. Every problem goes into `p`.
+/// A driver's constructor: reads its keys, reports every problem into `p`, and returns the
+/// driver, or `None` when the configuration cannot make one (the problems say why).
+pub type Constructor = fn(setup: &mut CloudSetup<'_>, p: &mut Problems) -> Option<SharedDriver>;
+
+/// One kind of driver: a row of [`KINDS`].
+#[derive(Clone, Copy, Debug)]
+pub struct Kind {
+    /// The value of `driver = "..."`.
+    pub name: &'static str,
+    /// The provider-id format machines get unless a group says otherwise: what the node's
+    /// kubelet or cloud controller sets.
+    pub default_provider_id: &'static str,
+    pub build: Constructor,
+}
+
+/// Every driver Flotilla knows. A new driver is a folder under `src/driver/` with a
+/// [`Constructor`], and a row here.
+pub const KINDS: &[Kind] = &[
+    Kind { name: "simulated", default_provider_id: "simulated://{cluster}/{name}", build: simulated::build },
+    // What a k3s agent registers: its node name is the container's hostname.
+    Kind { name: "docker", default_provider_id: "k3s://{name}", build: docker::build },
+    // What the OpenStack cloud controller manager sets.
+    Kind { name: "openstack", default_provider_id: "openstack:///{id}", build: openstack::build },
+    Kind { name: "proxmox", default_provider_id: "proxmox://{region}/{id}", build: proxmox::build },
+    // What the agent registers (its kubelet gets it): the node is named after the VM's hostname.
+    Kind { name: "slicer", default_provider_id: "k3s://{id}", build: slicer::build },
+];
+
+/// The row of driver `name`.
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+/// The names of every driver, for messages.
+pub fn kind_names() -> Vec<&'static str> {
+    KINDS.iter().map(|k| k.name).collect()
+}
+
+/// The provider-id format a driver's machines get unless a group says otherwise.
+pub fn default_provider_id(driver: &str) -> &'static str {
+    kind(driver).map(|k| k.default_provider_id).unwrap_or("{name}")
+}
+
+/// Builds one driver per cloud (in configuration order), each by its [`Kind`]'s constructor
+/// from its `[clouds.NAME]` table and its groups' `machine` tables. Every problem goes into `p`.
 pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
-    let empty = toml::Table::new();
-    let clouds_table = config.raw.get("clouds").and_then(|v| v.as_table()).unwrap_or(&empty);
-    let groups_table = config.raw.get("groups").and_then(|v| v.as_table()).unwrap_or(&empty);
+    static EMPTY: std::sync::LazyLock<toml::Table> = std::sync::LazyLock::new(toml::Table::new);
+    let table_at = |root: &str, name: &str| -> &toml::Table {
+        config
+            .raw
+            .get(root)
+            .and_then(|v| v.as_table())
+            .and_then(|t| t.get(name))
+            .and_then(|v| v.as_table())
+            .unwrap_or(&EMPTY)
+    };
     let mut drivers: Vec<SharedDriver> = Vec::new();
     for cloud in &config.clouds {
-        let table = clouds_table.get(&cloud.name).and_then(|v| v.as_table()).unwrap_or(&empty);
-        let mut section = Section::new(format!("clouds.{}", cloud.name), table).skipping(CLOUD_KEYS);
-        // Each group's `machine` table, for the driver to read.
-        let mut machines: Vec<(&str, Section<'_>)> = Vec::new();
-        for g in config.groups.iter().filter(|g| g.cloud == cloud.name) {
-            let machine = groups_table
-                .get(&g.name)
-                .and_then(|v| v.as_table())
-                .and_then(|t| t.get("machine"))
-                .and_then(|v| v.as_table())
-                .unwrap_or(&empty);
-            machines.push((g.name.as_str(), Section::new(format!("groups.{}.machine", g.name), machine)));
-        }
-        let driver: Option<SharedDriver> = match cloud.driver.as_str() {
-            "simulated" => {
-                let settings = simulated::Settings::parse(&mut section, p);
-                let mut registering = Vec::new();
-                for (group, mut m) in machines.drain(..) {
-                    if m.boolean("register_node", p).unwrap_or(true) {
-                        registering.push(group);
-                    }
-                    m.finish(p);
-                }
-                let registrar = settings.kubeconfig.clone().map(|path| {
-                    simulated::nodes::Registrar::new(
-                        path,
-                        &config.cluster_name,
-                        node_shapes(config, &cloud.region, &registering),
-                    )
-                });
-                match simulated::Simulated::new(&config.cluster_name, settings) {
-                    Ok(d) => Some(Arc::new(match registrar {
-                        Some(r) => d.with_registrar(r),
-                        None => d,
-                    })),
-                    Err(e) => {
-                        p.push(section.key_path("state_file"), format!("cannot load: {e}"));
-                        None
-                    }
-                }
-            }
-            "openstack" => {
-                let settings = openstack::CloudSettings::parse(&mut section, p);
-                let mut groups = Vec::new();
-                let wanted = machines.len();
-                for (name, mut m) in machines.drain(..) {
-                    if let Some(g) = openstack::GroupSettings::parse(&config.cluster_name, name, &mut m, p) {
-                        groups.push((name.to_owned(), g));
-                    }
-                    m.finish(p);
-                }
-                match settings {
-                    Some(settings) if groups.len() == wanted => {
-                        match openstack::OpenStack::new(&config.cluster_name, settings, groups) {
-                            Ok(d) => Some(Arc::new(d)),
-                            Err(e) => {
-                                p.push(section.path(), e.to_string());
-                                None
-                            }
-                        }
-                    }
-                    _ => None,
-                }
-            }
-            "proxmox" => {
-                let cloud_settings = proxmox::CloudSettings::parse(&mut section, p);
-                let mut groups = std::collections::HashMap::new();
-                let mut prefixes = Vec::new();
-                for (group, mut m) in machines.drain(..) {
-                    if let Some(g) = proxmox::GroupSettings::parse(group, &mut m, p) {
-                        groups.insert(group.to_owned(), g);
-                    }
-                    m.finish(p);
-                    if let Some(gc) = config.groups.iter().find(|g| g.name == group) {
-                        prefixes.push((group.to_owned(), gc.name_prefix.clone()));
-                    }
-                }
-                match cloud_settings {
-                    Some(settings) => match proxmox::Proxmox::new(&config.cluster_name, settings, groups, prefixes) {
-                        Ok(d) => Some(Arc::new(d)),
-                        Err(e) => {
-                            p.push(section.key_path("ca_file"), format!("cannot set up TLS: {e}"));
-                            None
-                        }
-                    },
-                    None => None,
-                }
-            }
-            "docker" => {
-                let settings = docker::CloudSettings::parse(&mut section, p);
-                let mut groups = std::collections::BTreeMap::new();
-                for (group, mut m) in machines.drain(..) {
-                    if let Some(g) = docker::GroupSettings::parse(&mut m, p) {
-                        groups.insert(group.to_owned(), g);
-                    }
-                    m.finish(p);
-                }
-                settings.map(|s| Arc::new(docker::DockerDriver::new(&config.cluster_name, s, groups)) as SharedDriver)
-            }
-            other => {
-                // Its keys mean nothing without the driver: report only the driver name.
-                p.push(section.key_path("driver"), format!("unknown driver {other:?} (known: {})", KINDS.join(", ")));
-                continue;
-            }
+        let section =
+            Section::new(format!("clouds.{}", cloud.name), table_at("clouds", &cloud.name)).skipping(CLOUD_KEYS);
+        let Some(kind) = kind(&cloud.driver) else {
+            // Its keys mean nothing without the driver: report only the driver name.
+            p.push(
+                section.key_path("driver"),
+                format!("unknown driver {:?} (known: {})", cloud.driver, kind_names().join(", ")),
+            );
+            continue;
         };
-        section.finish(p);
-        if let Some(d) = driver {
-            drivers.push(d);
+        let groups = config
+            .groups
+            .iter()
+            .filter(|g| g.cloud == cloud.name)
+            .map(|g| {
+                let machine = table_at("groups", &g.name).get("machine").and_then(|v| v.as_table()).unwrap_or(&EMPTY);
+                GroupSetup { config: g, machine: Section::new(format!("groups.{}.machine", g.name), machine) }
+            })
+            .collect();
+        let mut setup =
+            CloudSetup { cluster: &config.cluster_name, cloud, section, groups, gpu_label: &config.gpu.label };
+        let driver = (kind.build)(&mut setup, p);
+        for g in setup.groups {
+            g.machine.finish(p);
         }
+        setup.section.finish(p);
+        drivers.extend(driver);
     }
     drivers
 }
 
-/// How the Nodes of each named group look, for drivers that register Nodes themselves: the
-/// core's template node and provider-id format, so a Node matches what the core reports.
-fn node_shapes(
-    config: &Config,
-    region: &str,
-    groups: &[&str],
-) -> std::collections::BTreeMap<String, simulated::nodes::GroupNodes> {
-    config
-        .groups
-        .iter()
-        .filter(|g| groups.contains(&g.name.as_str()))
-        .map(|g| {
-            let nodes = simulated::nodes::GroupNodes {
-                template: crate::template::Template::build(g, Shape::default(), &config.gpu.label),
-                provider_id: g.provider_id.clone(),
-                region: region.to_owned(),
-            };
-            (g.name.clone(), nodes)
-        })
-        .collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_listed_once_with_a_provider_id_format() {
+        let names = kind_names();
+        let unique: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+        for k in KINDS {
+            assert!(crate::provider_id::ProviderIdFormat::parse(k.default_provider_id).is_ok(), "{}", k.name);
+            assert_eq!(default_provider_id(k.name), k.default_provider_id);
+        }
+        assert_eq!(default_provider_id("no-such-driver"), "{name}");
+    }
+
+    #[test]
+    fn an_unknown_driver_is_named_with_the_known_ones_and_its_keys_are_not_reported() {
+        let text = "cluster_name = \"c\"\n[clouds.x]\ndriver = \"vmware\"\nvcenter = \"v\"\n\
+                    [groups.g]\ncloud = \"x\"\nmax_size = 1\n[groups.g.machine]\nfoo = 1\n";
+        let config = Config::parse(text, "t.toml", std::path::Path::new(".")).unwrap();
+        let mut p = Problems::new("t.toml", ".");
+        assert!(build(&config, &mut p).is_empty());
+        assert_eq!(p.items.len(), 1, "{p}");
+        assert_eq!(p.items[0].path, "clouds.x.driver");
+        assert!(p.items[0].message.contains("simulated, docker, openstack, proxmox"), "{p}");
+    }
+
+    #[test]
+    fn keys_no_constructor_read_are_reported_by_the_registry() {
+        let text = "cluster_name = \"c\"\n[clouds.sim]\ndriver = \"simulated\"\nboot_tiem = \"1s\"\n\
+                    [groups.g]\ncloud = \"sim\"\nmax_size = 1\n[groups.g.machine]\nregister_nodes = false\n";
+        let config = Config::parse(text, "t.toml", std::path::Path::new(".")).unwrap();
+        let mut p = Problems::new("t.toml", ".");
+        build(&config, &mut p);
+        let paths: Vec<&str> = p.items.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["groups.g.machine.register_nodes", "clouds.sim.boot_tiem"], "{p}");
+    }
 }

@@ -178,6 +178,18 @@ impl DockerDriver {
 }
 
 /// The stop grace period in whole seconds, as the engine takes it.
+/// The Docker driver's [`Constructor`](super::Constructor).
+pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut crate::config::Problems) -> Option<super::SharedDriver> {
+    let settings = CloudSettings::parse(&mut setup.section, p);
+    let mut groups = BTreeMap::new();
+    for g in &mut setup.groups {
+        if let Some(s) = GroupSettings::parse(&mut g.machine, p) {
+            groups.insert(g.config.name.clone(), s);
+        }
+    }
+    settings.map(|s| std::sync::Arc::new(DockerDriver::new(setup.cluster, s, groups)) as super::SharedDriver)
+}
+
 fn stop_seconds(g: &GroupSettings) -> i64 {
     let d = g.stop_timeout;
     i64::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(i64::MAX)

@@ -1,15 +1,16 @@
 //! The narrow HTTP client of the OpenStack driver: the handful of Nova, Glance and Neutron calls
 //! it makes, the token on every request, one re-authentication on 401, and the one place where
-//! OpenStack's answers become [`driver::Error`] classes.
+//! OpenStack's answers become [`driver::Error`] classes ([`classify`]). Transport, TLS, error
+//! bodies and retries are the shared [`http`] layer's.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::auth::{self, Session};
-use crate::driver;
+use crate::driver::{self, http};
 
 /// The compute API microversion every Nova request asks for. 2.37 (Newton) is the oldest that
 /// lets a create say `"networks": "auto"`; nothing else the driver uses is newer.
@@ -21,87 +22,69 @@ pub enum Error {
     /// Keystone refused, or the token's catalog lacks the service.
     #[error(transparent)]
     Auth(#[from] auth::Error),
-    #[error("{method} {path} answered {status}: {message}")]
-    Status { method: Method, path: String, status: u16, message: String, retry_after: Option<Duration> },
-    #[error("{method} {path} timed out")]
-    Timeout {
-        method: Method,
-        path: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("{method} {path} failed: {source}")]
-    Transport {
-        method: Method,
-        path: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// The call failed or was answered with an error (after any retries).
+    #[error(transparent)]
+    Http(#[from] http::Error),
     #[error("nova's server listing does not advance past marker {0}")]
     Pagination(String),
-    #[error("{method} {path}: cannot decode the answer: {source}")]
-    Decode {
-        method: Method,
-        path: String,
-        #[source]
-        source: serde_json::Error,
-    },
 }
 
-fn mentions_quota(message: &str) -> bool {
+impl Error {
+    /// The HTTP status of an answered call.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Http(e) => e.status(),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) fn mentions_quota(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     m.contains("quota exceeded") || m.contains("quotaexceeded") || m.contains("overquota")
 }
 
-fn mentions_no_capacity(message: &str) -> bool {
+pub(crate) fn mentions_no_capacity(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     m.contains("no valid host") || m.contains("insufficient capacity")
+}
+
+/// OpenStack's status table: the common one, except that a quota or capacity message is
+/// OutOfResources whatever the status (Nova says 403 today, 413 before Pike), and 413 without
+/// one is Nova's old rate limit.
+pub fn classify(e: &http::Error) -> driver::Error {
+    if let http::Error::Status { status, message, retry_after, .. } = e {
+        let text = e.to_string();
+        if mentions_quota(message) || mentions_no_capacity(message) {
+            return driver::Error::OutOfResources(text);
+        }
+        // Nova answered 413 with Retry-After for rate limits before it had 429.
+        if *status == 413 {
+            return driver::Error::RateLimited { message: text, retry_after: *retry_after };
+        }
+    }
+    http::classify(e)
 }
 
 impl From<Error> for driver::Error {
     fn from(e: Error) -> driver::Error {
         let text = e.to_string();
-        match &e {
-            Error::Auth(auth::Error::Keystone { status: 401 | 403, .. }) => driver::Error::Unauthorized(text),
-            Error::Auth(auth::Error::Keystone { status, .. }) if *status >= 500 => driver::Error::Unavailable(text),
-            Error::Auth(auth::Error::Keystone { .. }) => driver::Error::InvalidRequest(text),
-            Error::Auth(auth::Error::Transport { source, .. }) if source.is_timeout() => driver::Error::Timeout(text),
-            Error::Auth(auth::Error::Transport { .. }) => driver::Error::Unavailable(text),
-            Error::Auth(auth::Error::NoEndpoint { .. }) => driver::Error::InvalidRequest(text),
-            Error::Auth(auth::Error::Malformed(_)) => driver::Error::Other(text),
-            Error::Status { status, message, retry_after, .. } => match *status {
-                _ if mentions_quota(message) || mentions_no_capacity(message) => driver::Error::OutOfResources(text),
-                401 => driver::Error::Unauthorized(text),
-                403 => driver::Error::Unauthorized(text),
-                404 => driver::Error::NotFound(text),
-                // Nova answered 413 with Retry-After for rate limits before it had 429.
-                413 | 429 => driver::Error::RateLimited { message: text, retry_after: *retry_after },
-                400 | 409 | 422 => driver::Error::InvalidRequest(text),
-                s if s >= 500 => driver::Error::Unavailable(text),
-                _ => driver::Error::Other(text),
+        match e {
+            Error::Auth(auth::Error::Keystone(h)) => match h.status() {
+                Some(401 | 403) => driver::Error::Unauthorized(text),
+                Some(s) if s >= 500 => driver::Error::Unavailable(text),
+                // A wrong auth_url or a malformed request: nothing CA can retry its way out of.
+                Some(_) => driver::Error::InvalidRequest(text),
+                None => http::classify(&h),
             },
-            Error::Timeout { .. } => driver::Error::Timeout(text),
-            Error::Transport { .. } => driver::Error::Unavailable(text),
-            Error::Decode { .. } | Error::Pagination(_) => driver::Error::Other(text),
-        }
-    }
-}
-
-/// The message of an OpenStack error body: Nova's `{"forbidden": {"code": 403, "message":
-/// ...}}`, Keystone's `{"error": {...}}`, Neutron's `{"NeutronError": {...}}`, or the text itself.
-pub fn error_message(text: &str) -> String {
-    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text) {
-        for v in map.values() {
-            if let Some(m) = v.get("message").and_then(Value::as_str) {
-                return m.to_owned();
+            Error::Auth(auth::Error::NoEndpoint { .. } | auth::Error::Discovery(_)) => {
+                driver::Error::InvalidRequest(text)
             }
-        }
-        if let Some(m) = map.get("message").and_then(Value::as_str) {
-            return m.to_owned();
+            Error::Auth(auth::Error::Malformed(_)) => driver::Error::Other(text),
+            Error::Http(h) => classify(&h),
+            Error::Pagination(_) => driver::Error::Other(text),
         }
     }
-    let text = text.trim();
-    if text.is_empty() { "(no message)".to_owned() } else { text.chars().take(300).collect() }
 }
 
 /// The services the driver calls, by catalog type.
@@ -192,21 +175,29 @@ struct Named {
 /// The client: one Keystone session and the endpoints its catalog names.
 #[derive(Debug)]
 pub struct Api {
-    http: reqwest::Client,
+    http: http::Client,
     session: Session,
     interface: String,
     region: Option<String>,
     page_size: u32,
 }
 
+/// Whether a call may be sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repeat {
+    /// Not safe to repeat: a create.
+    Never,
+    /// Safe (a read, a delete): retried on transient failures.
+    Safe,
+    /// Safe but not retried: the listing of a Refresh. The core lists again at the next
+    /// Refresh or reconcile tick and keeps the last picture up to `max_staleness`; retrying
+    /// here would only hold cluster-autoscaler's Refresh past its deadline on a cloud that is
+    /// down.
+    Listing,
+}
+
 impl Api {
-    pub fn new(
-        http: reqwest::Client,
-        session: Session,
-        interface: String,
-        region: Option<String>,
-        page_size: u32,
-    ) -> Api {
+    pub fn new(http: http::Client, session: Session, interface: String, region: Option<String>, page_size: u32) -> Api {
         Api { http, session, interface, region, page_size }
     }
 
@@ -218,17 +209,18 @@ impl Api {
         path: &str,
         query: &[(&str, String)],
         body: Option<&Value>,
-    ) -> Result<(StatusCode, Vec<u8>), Error> {
+        repeat: Repeat,
+    ) -> Result<http::Response, Error> {
         let mut retried = false;
         loop {
             let token = self.session.token().await?;
             let base = token.endpoint(service.catalog_type(), &self.interface, self.region.as_deref())?;
             let prefix = service.version_prefix();
             let base = base.strip_suffix(prefix).unwrap_or(&base);
-            let url = format!("{base}{prefix}{path}");
             let mut request = self
                 .http
-                .request(method.clone(), &url)
+                .request(method.clone(), format!("{base}{prefix}{path}"))
+                .label(format!("{method} {path}"))
                 .header("X-Auth-Token", token.value())
                 .header("Accept", "application/json");
             if service == Service::Compute {
@@ -242,39 +234,20 @@ impl Api {
             if let Some(body) = body {
                 request = request.json(body);
             }
-            let fail = |source: reqwest::Error| {
-                if source.is_timeout() {
-                    Error::Timeout { method: method.clone(), path: path.to_owned(), source }
-                } else {
-                    Error::Transport { method: method.clone(), path: path.to_owned(), source }
-                }
+            request = match repeat {
+                Repeat::Never => request,
+                Repeat::Safe => request.idempotent(),
+                Repeat::Listing => request.idempotent().retry(http::Retry::NONE),
             };
-            let response = request.send().await.map_err(fail)?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !retried {
-                // Revoked or expired early: one new token, one more try.
-                tracing::debug!(%method, path, "token rejected, authenticating again");
-                self.session.invalidate(&token).await;
-                retried = true;
-                continue;
+            match request.send().await {
+                Err(e) if e.status() == Some(401) && !retried => {
+                    // Revoked or expired early: one new token, one more try.
+                    tracing::debug!(%method, path, "token rejected, authenticating again");
+                    self.session.invalidate(&token).await;
+                    retried = true;
+                }
+                other => return Ok(other?),
             }
-            let retry_after = response
-                .headers()
-                .get("Retry-After")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let bytes = response.bytes().await.map_err(fail)?.to_vec();
-            if !status.is_success() {
-                return Err(Error::Status {
-                    method,
-                    path: path.to_owned(),
-                    status: status.as_u16(),
-                    message: error_message(&String::from_utf8_lossy(&bytes)),
-                    retry_after,
-                });
-            }
-            return Ok((status, bytes));
         }
     }
 
@@ -283,13 +256,9 @@ impl Api {
         service: Service,
         path: &str,
         query: &[(&str, String)],
+        repeat: Repeat,
     ) -> Result<T, Error> {
-        let (_, bytes) = self.call(service, Method::GET, path, query, None).await?;
-        serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
-            method: Method::GET,
-            path: path.to_owned(),
-            source,
-        })
+        Ok(self.call(service, Method::GET, path, query, None, repeat).await?.json()?)
     }
 
     /// Every server of the project, following Nova's pagination (`limit` + `marker`).
@@ -301,7 +270,7 @@ impl Api {
             if let Some(m) = &marker {
                 query.push(("marker", m.clone()));
             }
-            let page: ServersPage = self.get(Service::Compute, "/servers/detail", &query).await?;
+            let page: ServersPage = self.get(Service::Compute, "/servers/detail", &query, Repeat::Listing).await?;
             let next = page.servers_links.iter().find(|l| l.rel == "next").map(|l| l.href.clone());
             let last = page.servers.last().map(|s| s.id.clone());
             out.extend(page.servers);
@@ -325,7 +294,7 @@ impl Api {
         struct One {
             server: Server,
         }
-        let one: One = self.get(Service::Compute, &format!("/servers/{id}"), &[]).await?;
+        let one: One = self.get(Service::Compute, &format!("/servers/{id}"), &[], Repeat::Safe).await?;
         Ok(one.server)
     }
 
@@ -339,23 +308,22 @@ impl Api {
         struct CreatedServer {
             id: String,
         }
-        let (_, bytes) = self.call(Service::Compute, Method::POST, "/servers", &[], Some(body)).await?;
-        let created: Created = serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
-            method: Method::POST,
-            path: "/servers".into(),
-            source,
-        })?;
+        let created: Created =
+            self.call(Service::Compute, Method::POST, "/servers", &[], Some(body), Repeat::Never).await?.json()?;
         Ok(created.server.id)
     }
 
     pub async fn delete_server(&self, id: &str) -> Result<(), Error> {
-        self.call(Service::Compute, Method::DELETE, &format!("/servers/{id}"), &[], None).await.map(|_| ())
+        self.call(Service::Compute, Method::DELETE, &format!("/servers/{id}"), &[], None, Repeat::Safe)
+            .await
+            .map(|_| ())
     }
 
     /// Servers whose name matches exactly (Nova's `name` filter is a regular expression).
     pub async fn servers_named(&self, name: &str) -> Result<Vec<Server>, Error> {
-        let page: ServersPage =
-            self.get(Service::Compute, "/servers/detail", &[("name", format!("^{}$", regex_escape(name)))]).await?;
+        let page: ServersPage = self
+            .get(Service::Compute, "/servers/detail", &[("name", format!("^{}$", regex_escape(name)))], Repeat::Safe)
+            .await?;
         Ok(page.servers.into_iter().filter(|s| s.name == name).collect())
     }
 
@@ -364,7 +332,7 @@ impl Api {
         struct Flavors {
             flavors: Vec<Flavor>,
         }
-        let f: Flavors = self.get(Service::Compute, "/flavors/detail", &[]).await?;
+        let f: Flavors = self.get(Service::Compute, "/flavors/detail", &[], Repeat::Safe).await?;
         Ok(f.flavors)
     }
 
@@ -373,7 +341,7 @@ impl Api {
         struct Specs {
             extra_specs: BTreeMap<String, String>,
         }
-        let s: Specs = self.get(Service::Compute, &format!("/flavors/{id}/os-extra_specs"), &[]).await?;
+        let s: Specs = self.get(Service::Compute, &format!("/flavors/{id}/os-extra_specs"), &[], Repeat::Safe).await?;
         Ok(s.extra_specs)
     }
 
@@ -383,7 +351,7 @@ impl Api {
         struct Images {
             images: Vec<Named>,
         }
-        let i: Images = self.get(Service::Image, "/images", &[("name", name.to_owned())]).await?;
+        let i: Images = self.get(Service::Image, "/images", &[("name", name.to_owned())], Repeat::Safe).await?;
         Ok(i.images.into_iter().map(|n| n.id).collect())
     }
 
@@ -393,7 +361,7 @@ impl Api {
         struct Networks {
             networks: Vec<Named>,
         }
-        let n: Networks = self.get(Service::Network, "/networks", &[("name", name.to_owned())]).await?;
+        let n: Networks = self.get(Service::Network, "/networks", &[("name", name.to_owned())], Repeat::Safe).await?;
         Ok(n.networks.into_iter().map(|n| n.id).collect())
     }
 
@@ -403,7 +371,8 @@ impl Api {
         struct Groups {
             security_groups: Vec<Named>,
         }
-        let g: Groups = self.get(Service::Network, "/security-groups", &[("name", name.to_owned())]).await?;
+        let g: Groups =
+            self.get(Service::Network, "/security-groups", &[("name", name.to_owned())], Repeat::Safe).await?;
         Ok(g.security_groups.into_iter().map(|n| n.id).collect())
     }
 
@@ -413,12 +382,8 @@ impl Api {
         struct Created {
             port: Named,
         }
-        let (_, bytes) = self.call(Service::Network, Method::POST, "/ports", &[], Some(body)).await?;
-        let created: Created = serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
-            method: Method::POST,
-            path: "/ports".into(),
-            source,
-        })?;
+        let created: Created =
+            self.call(Service::Network, Method::POST, "/ports", &[], Some(body), Repeat::Never).await?.json()?;
         Ok(created.port.id)
     }
 
@@ -428,12 +393,13 @@ impl Api {
         struct Ports {
             ports: Vec<Named>,
         }
-        let p: Ports = self.get(Service::Network, "/ports", &[("device_id", server_id.to_owned())]).await?;
+        let p: Ports =
+            self.get(Service::Network, "/ports", &[("device_id", server_id.to_owned())], Repeat::Safe).await?;
         Ok(p.ports.into_iter().map(|n| (n.id, n.name)).collect())
     }
 
     pub async fn delete_port(&self, id: &str) -> Result<(), Error> {
-        self.call(Service::Network, Method::DELETE, &format!("/ports/{id}"), &[], None).await.map(|_| ())
+        self.call(Service::Network, Method::DELETE, &format!("/ports/{id}"), &[], None, Repeat::Safe).await.map(|_| ())
     }
 
     /// Ids of Nova server groups with this name.
@@ -442,7 +408,7 @@ impl Api {
         struct Groups {
             server_groups: Vec<Named>,
         }
-        let g: Groups = self.get(Service::Compute, "/os-server-groups", &[]).await?;
+        let g: Groups = self.get(Service::Compute, "/os-server-groups", &[], Repeat::Safe).await?;
         Ok(g.server_groups.into_iter().filter(|g| g.name == name).map(|g| g.id).collect())
     }
 

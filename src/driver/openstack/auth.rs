@@ -5,6 +5,15 @@
 //! OpenStack CLI reads: the environment, a `clouds.yaml` entry (its `auth` keys upper-cased
 //! with an `OS_` prefix), or the YAML credentials file of the K3s-on-OpenStack autoscaler
 //! (`OS_AUTH_URL: ...`). Password and application-credential authentication are supported.
+//! YAML values are read as the text they are written as (`1.10` stays `1.10`, `0x1F` stays
+//! `0x1F`): a password or project name that looks like a number is still that text.
+//!
+//! # Version discovery
+//! An `auth_url` ending in `/v3` is used as is. Any other (`https://keystone:5000`,
+//! DevStack's `http://host/identity`) is discovered as keystoneauth does: `GET auth_url`
+//! answers the version document (`300 Multiple Choices` with `{"versions": {"values": [...]}}`,
+//! or `200` with `versions` or `version`), and the `rel: self` link of its v3 entry is the
+//! endpoint. The answer is kept for the life of the session.
 
 use std::{
     collections::BTreeMap,
@@ -17,22 +26,19 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::{sync::Mutex, time::Instant};
 
-use crate::config::Secret;
+use crate::{config::Secret, driver::http};
 
 /// Problems with authentication.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Keystone answered with an error status.
-    #[error("keystone answered {status}: {message}")]
-    Keystone { status: u16, message: String },
-    #[error("cannot reach keystone at {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// Keystone could not be reached or answered with an error status.
+    #[error(transparent)]
+    Keystone(#[from] http::Error),
     #[error("keystone's token response is malformed: {0}")]
     Malformed(String),
+    /// The version document did not lead to a v3 endpoint.
+    #[error("keystone version discovery: {0}")]
+    Discovery(String),
     #[error("the service catalog has no {service} endpoint for interface {interface}{}", region.as_ref().map(|r| format!(" in region {r}")).unwrap_or_default())]
     NoEndpoint { service: String, interface: String, region: Option<String> },
 }
@@ -163,44 +169,38 @@ impl Credentials {
 
     /// Reads a YAML file of `OS_*` keys (the K3s-on-OpenStack autoscaler's credentials file).
     pub fn from_credentials_file(text: &str) -> Result<Credentials, String> {
-        let map: BTreeMap<String, serde_yaml::Value> =
+        let map: BTreeMap<String, Option<Text>> =
             serde_yaml::from_str(text).map_err(|e| format!("not a YAML map of OS_* keys: {e}"))?;
-        let vars: BTreeMap<String, String> = map.into_iter().filter_map(|(k, v)| scalar(&v).map(|v| (k, v))).collect();
+        let vars: BTreeMap<String, String> = map.into_iter().filter_map(|(k, v)| v.map(|v| (k, v.0))).collect();
         Credentials::from_vars(|k| vars.get(k).cloned())
     }
 
     /// Reads the entry `cloud` of a `clouds.yaml` file.
     pub fn from_clouds_yaml(text: &str, cloud: &str) -> Result<Credentials, String> {
-        #[derive(Deserialize)]
-        struct File {
-            clouds: BTreeMap<String, serde_yaml::Value>,
-        }
-        let file: File = serde_yaml::from_str(text).map_err(|e| format!("not a clouds.yaml file: {e}"))?;
-        let entry = file.clouds.get(cloud).ok_or_else(|| {
-            format!("has no cloud {cloud:?} (it has: {})", file.clouds.keys().cloned().collect::<Vec<_>>().join(", "))
-        })?;
+        use serde::de::DeserializeSeed;
+        let de = serde_yaml::Deserializer::from_str(text);
+        let (entry, names) = CloudsFile(cloud).deserialize(de).map_err(|e| format!("not a clouds.yaml file: {e}"))?;
+        let entry = entry.ok_or_else(|| format!("has no cloud {cloud:?} (it has: {})", names.join(", ")))?;
         let mut vars = BTreeMap::new();
-        let mapping = entry.as_mapping().ok_or_else(|| format!("cloud {cloud:?} is not a map"))?;
-        for (k, v) in mapping {
-            let Some(k) = k.as_str() else { continue };
-            match k {
-                "auth" => {
-                    for (ak, av) in av_pairs(v) {
-                        if let Some(av) = scalar(av) {
-                            vars.insert(format!("OS_{}", ak.to_ascii_uppercase()), av);
-                        }
-                    }
-                }
-                "verify" if v.as_bool() == Some(false) => {
-                    vars.insert("OS_INSECURE".into(), "true".into());
-                }
-                "region_name" | "interface" | "auth_type" | "identity_api_version" | "cacert" => {
-                    if let Some(v) = scalar(v) {
-                        vars.insert(format!("OS_{}", k.to_ascii_uppercase()), v);
-                    }
-                }
-                _ => {}
+        for (k, v) in entry.auth.unwrap_or_default() {
+            if let Some(v) = v {
+                vars.insert(format!("OS_{}", k.to_ascii_uppercase()), v.0);
             }
+        }
+        let plain = [
+            ("OS_REGION_NAME", entry.region_name),
+            ("OS_INTERFACE", entry.interface),
+            ("OS_AUTH_TYPE", entry.auth_type),
+            ("OS_IDENTITY_API_VERSION", entry.identity_api_version),
+            ("OS_CACERT", entry.cacert),
+        ];
+        for (k, v) in plain {
+            if let Some(v) = v {
+                vars.insert(k.to_owned(), v.0);
+            }
+        }
+        if entry.verify.is_some_and(|v| matches!(v.0.to_ascii_lowercase().as_str(), "false" | "no" | "off")) {
+            vars.insert("OS_INSECURE".into(), "true".into());
         }
         Credentials::from_vars(|k| vars.get(k).cloned())
     }
@@ -232,16 +232,92 @@ impl Credentials {
     }
 }
 
-fn av_pairs(v: &serde_yaml::Value) -> Vec<(&str, &serde_yaml::Value)> {
-    v.as_mapping().map(|m| m.iter().filter_map(|(k, v)| k.as_str().map(|k| (k, v))).collect()).unwrap_or_default()
+/// A YAML scalar as the text it is written as. serde_yaml hands a plain scalar to
+/// `deserialize_str` as its source text, before any number or boolean resolution; a
+/// `serde_yaml::Value` would already have turned `1.10` into `1.1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a scalar")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_owned()))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
-fn scalar(v: &serde_yaml::Value) -> Option<String> {
-    match v {
-        serde_yaml::Value::String(s) => Some(s.clone()),
-        serde_yaml::Value::Number(n) => Some(n.to_string()),
-        serde_yaml::Value::Bool(b) => Some(b.to_string()),
-        _ => None,
+/// The keys of a `clouds.yaml` entry Flotilla reads; the others are skipped.
+#[derive(Debug, Default, Deserialize)]
+struct CloudEntry {
+    auth: Option<BTreeMap<String, Option<Text>>>,
+    region_name: Option<Text>,
+    interface: Option<Text>,
+    auth_type: Option<Text>,
+    identity_api_version: Option<Text>,
+    cacert: Option<Text>,
+    verify: Option<Text>,
+}
+
+/// Reads one entry of a `clouds.yaml` (skipping the others unread, so a shape Flotilla does not
+/// know in another cloud's entry does not matter), and the names of all.
+struct CloudsFile<'a>(&'a str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for CloudsFile<'_> {
+    type Value = (Option<CloudEntry>, Vec<String>);
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        struct Top<'a>(&'a str);
+        impl<'de> serde::de::Visitor<'de> for Top<'_> {
+            type Value = (Option<CloudEntry>, Vec<String>);
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map with `clouds`")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "clouds" {
+                        out = Some(map.next_value_seed(Clouds(self.0))?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                out.ok_or_else(|| serde::de::Error::missing_field("clouds"))
+            }
+        }
+        struct Clouds<'a>(&'a str);
+        impl<'de> serde::de::DeserializeSeed<'de> for Clouds<'_> {
+            type Value = (Option<CloudEntry>, Vec<String>);
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_map(self)
+            }
+        }
+        impl<'de> serde::de::Visitor<'de> for Clouds<'_> {
+            type Value = (Option<CloudEntry>, Vec<String>);
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of clouds")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let (mut entry, mut names) = (None, Vec::new());
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == self.0 {
+                        entry = Some(map.next_value::<CloudEntry>()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                    names.push(key);
+                }
+                Ok((entry, names))
+            }
+        }
+        d.deserialize_map(Top(self.0))
     }
 }
 
@@ -321,8 +397,10 @@ const MAX_RENEW_MARGIN: Duration = Duration::from_secs(300);
 /// issue); `invalidate()` clears it when a service answered 401.
 #[derive(Debug)]
 pub struct Session {
-    http: reqwest::Client,
+    http: http::Client,
     credentials: Credentials,
+    /// Keystone's v3 endpoint: `auth_url`, or what discovery found there (written once).
+    v3: tokio::sync::OnceCell<String>,
     cached: Mutex<Option<Arc<Token>>>,
 }
 
@@ -341,8 +419,8 @@ struct TokenFields {
 }
 
 impl Session {
-    pub fn new(http: reqwest::Client, credentials: Credentials) -> Session {
-        Session { http, credentials, cached: Mutex::new(None) }
+    pub fn new(http: http::Client, credentials: Credentials) -> Session {
+        Session { http, credentials, v3: tokio::sync::OnceCell::new(), cached: Mutex::new(None) }
     }
 
     pub fn credentials(&self) -> &Credentials {
@@ -370,28 +448,35 @@ impl Session {
         }
     }
 
+    /// Keystone's v3 endpoint, discovered on first use unless `auth_url` names it.
+    pub async fn identity_v3(&self) -> Result<&str, Error> {
+        let url = &self.credentials.auth_url;
+        let v3 = self
+            .v3
+            .get_or_try_init(|| async {
+                if is_v3_url(url) { Ok(url.clone()) } else { discover_v3(&self.http, url).await }
+            })
+            .await?;
+        Ok(v3.as_str())
+    }
+
     async fn issue(&self) -> Result<Token, Error> {
-        let url = format!("{}/auth/tokens", self.credentials.auth_url);
+        let url = format!("{}/auth/tokens", self.identity_v3().await?);
+        // Issuing a token changes nothing a repeat could double: safe to retry.
         let response = self
             .http
             .post(&url)
+            .label(format!("keystone at {url}"))
             .json(&self.credentials.token_request())
+            .idempotent()
             .send()
-            .await
-            .map_err(|source| Error::Transport { url: url.clone(), source })?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            return Err(Error::Keystone { status: status.as_u16(), message: super::api::error_message(&text) });
-        }
+            .await?;
         let value = response
-            .headers()
-            .get("X-Subject-Token")
-            .and_then(|v| v.to_str().ok())
+            .header("X-Subject-Token")
             .map(str::to_owned)
             .ok_or_else(|| Error::Malformed("no X-Subject-Token header".into()))?;
         let body: TokenBody =
-            response.json().await.map_err(|e| Error::Malformed(format!("cannot decode the token body: {e}")))?;
+            response.json().map_err(|e| Error::Malformed(format!("cannot decode the token body: {e}")))?;
         let expires = parse_time(&body.token.expires_at)?;
         let issued = match &body.token.issued_at {
             Some(t) => parse_time(t)?,
@@ -407,6 +492,68 @@ impl Session {
             catalog: body.token.catalog,
         })
     }
+}
+
+/// True for an `auth_url` that names Keystone's v3 API itself (`.../v3`).
+fn is_v3_url(url: &str) -> bool {
+    let path = reqwest::Url::parse(url).map(|u| u.path().trim_end_matches('/').to_owned()).unwrap_or_default();
+    path == "/v3" || path.ends_with("/v3")
+}
+
+/// Finds the v3 endpoint in the version document at `url`, as keystoneauth's discovery does.
+async fn discover_v3(http: &http::Client, url: &str) -> Result<String, Error> {
+    let body = match http
+        .get(url)
+        .label(format!("keystone version discovery at {url}"))
+        .header("Accept", "application/json")
+        .idempotent()
+        .send()
+        .await
+    {
+        Ok(r) => r.body,
+        // Keystone's unversioned endpoint answers "300 Multiple Choices" with the document.
+        Err(http::Error::Status { status: 300, body, .. }) => body,
+        Err(e) => return Err(e.into()),
+    };
+    let doc: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| Error::Discovery(format!("{url} answered no version document ({e})")))?;
+    let entries: Vec<&serde_json::Value> = match (doc.get("versions"), doc.get("version")) {
+        (Some(serde_json::Value::Object(v)), _) => {
+            v.get("values").and_then(|a| a.as_array()).into_iter().flatten().collect()
+        }
+        (Some(serde_json::Value::Array(a)), _) => a.iter().collect(),
+        (_, Some(v)) if v.is_object() => vec![v],
+        _ => Vec::new(),
+    };
+    let id = |e: &serde_json::Value| e.get("id").and_then(|i| i.as_str()).unwrap_or("").to_owned();
+    let status = |e: &serde_json::Value| e.get("status").and_then(|i| i.as_str()).unwrap_or("").to_ascii_lowercase();
+    // v3 entries, the stable ones first (keystoneauth skips experimental ones unless asked).
+    let mut v3: Vec<&serde_json::Value> =
+        entries.iter().copied().filter(|e| id(e) == "v3" || id(e).starts_with("v3.")).collect();
+    v3.sort_by_key(|e| !matches!(status(e).as_str(), "stable" | "current" | "supported"));
+    let href = v3
+        .iter()
+        .filter(|e| status(e) != "experimental")
+        .find_map(|e| {
+            e.get("links")?
+                .as_array()?
+                .iter()
+                .find(|l| l.get("rel").and_then(|r| r.as_str()) == Some("self"))?
+                .get("href")?
+                .as_str()
+        })
+        .ok_or_else(|| {
+            let offered: Vec<String> = entries.iter().map(|e| id(e)).filter(|i| !i.is_empty()).collect();
+            Error::Discovery(format!(
+                "{url} offers no identity v3 API (it offers: {}); point auth_url at the v3 endpoint",
+                if offered.is_empty() { "nothing".to_owned() } else { offered.join(", ") }
+            ))
+        })?;
+    // A relative link is relative to the document's URL.
+    let base = reqwest::Url::parse(url).map_err(|e| Error::Discovery(format!("{url}: {e}")))?;
+    let v3 = base.join(href).map_err(|e| Error::Discovery(format!("bad v3 link {href:?}: {e}")))?;
+    tracing::debug!(auth_url = %url, v3 = %v3, "discovered keystone's v3 endpoint");
+    Ok(v3.as_str().trim_end_matches('/').to_owned())
 }
 
 fn parse_time(text: &str) -> Result<SystemTime, Error> {

@@ -20,6 +20,7 @@
 //! `[clouds.NAME]`: one credentials source — `cloud` (+ optional `clouds_file`),
 //! `credentials_file` (YAML of `OS_*` keys), an inline `auth` table, or (none of these) the
 //! `OS_*` environment — and `region_name`, `interface`, `ca_file`, `insecure`,
+//! `allow_plain_http` (`http://` to a host that is not loopback; refused without it),
 //! `request_timeout`, `page_size`.
 //!
 //! `[groups.G.machine]`: `flavor`, `image` (name or id), `networks` (names or ids; none means
@@ -41,7 +42,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape};
+use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape, http};
 use crate::config::{Problems, Section};
 
 pub mod api;
@@ -68,6 +69,8 @@ pub struct CloudSettings {
     pub region: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub insecure: bool,
+    /// `http://` to a host that is not loopback: an explicit opt-in.
+    pub allow_plain_http: bool,
     pub request_timeout: Duration,
     pub page_size: u32,
 }
@@ -98,6 +101,7 @@ impl CloudSettings {
         let interface = s.string("interface", p);
         let ca_file = s.string("ca_file", p).map(|f| p.resolve(&f));
         let insecure = s.boolean("insecure", p);
+        let allow_plain_http = s.boolean("allow_plain_http", p).unwrap_or(false);
         let request_timeout = s.duration("request_timeout", p).unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let page_size = s.integer::<u32>("page_size", p).unwrap_or(DEFAULT_PAGE_SIZE);
         if page_size == 0 {
@@ -168,11 +172,25 @@ impl CloudSettings {
                 return None;
             }
         };
+        // The password or secret goes to auth_url: never in clear to another host unless the
+        // user says so.
+        if let Err(e) = http::check_url(&credentials.auth_url, allow_plain_http) {
+            let path = match key {
+                "auth" => format!("{}.auth_url", s.key_path("auth")),
+                "driver" => s.path().to_owned(),
+                other => s.key_path(other),
+            };
+            let hint =
+                if matches!(e, http::UrlError::PlainHttp { .. }) { " (allow_plain_http = true opts in)" } else { "" };
+            p.push(path, format!("auth_url {e}{hint}"));
+            return None;
+        }
         Some(CloudSettings {
             interface: interface.or_else(|| credentials.interface.clone()).unwrap_or_else(|| "public".into()),
             region: region_name.or_else(|| credentials.region.clone()),
             ca_file: ca_file.or_else(|| credentials.ca_file.as_ref().map(|f| p.resolve(f))),
             insecure: insecure.unwrap_or(credentials.insecure),
+            allow_plain_http,
             request_timeout,
             page_size: page_size.max(1),
             credentials,
@@ -383,10 +401,10 @@ pub enum BuildError {
     CaCert {
         path: PathBuf,
         #[source]
-        source: reqwest::Error,
+        source: http::tls::Error,
     },
     #[error("cannot build the HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
+    Client(String),
 }
 
 fn is_uuid(s: &str) -> bool {
@@ -413,30 +431,51 @@ pub fn gpus_of(extra_specs: &BTreeMap<String, String>) -> u64 {
     n
 }
 
+/// The OpenStack driver's [`Constructor`](super::Constructor).
+pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<super::SharedDriver> {
+    let settings = CloudSettings::parse(&mut setup.section, p);
+    let mut groups = Vec::new();
+    for g in &mut setup.groups {
+        if let Some(s) = GroupSettings::parse(setup.cluster, &g.config.name, &mut g.machine, p) {
+            groups.push((g.config.name.clone(), s));
+        }
+    }
+    if groups.len() != setup.groups.len() {
+        return None;
+    }
+    match OpenStack::new(setup.cluster, settings?, groups) {
+        Ok(d) => Some(std::sync::Arc::new(d)),
+        Err(e) => {
+            p.push(setup.section.path(), e.to_string());
+            None
+        }
+    }
+}
+
 impl OpenStack {
     pub fn new(
         cluster: &str,
         settings: CloudSettings,
         groups: Vec<(String, GroupSettings)>,
     ) -> Result<OpenStack, BuildError> {
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
+        let trust = if settings.insecure {
+            tracing::warn!("TLS certificate verification is off for this OpenStack cloud (insecure = true)");
+            http::Trust::Insecure
+        } else if let Some(path) = &settings.ca_file {
+            let pem = std::fs::read(path).map_err(|source| BuildError::CaFile { path: path.clone(), source })?;
+            http::Trust::CaPem(pem)
+        } else {
+            http::Trust::PublicRoots
+        };
+        let client_settings = http::Settings::new(trust)
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path).map_err(|source| BuildError::CaFile { path: path.clone(), source })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|source| BuildError::CaCert { path: path.clone(), source })?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        if settings.insecure {
-            tracing::warn!("TLS certificate verification is off for this OpenStack cloud (insecure = true)");
-            builder = builder.danger_accept_invalid_certs(true);
-        }
-        let http = builder.build().map_err(BuildError::Client)?;
+            .allow_plain_http(settings.allow_plain_http)
+            .classify(api::classify);
+        let http = http::Client::new(client_settings).map_err(|e| match (e, &settings.ca_file) {
+            (http::BuildError::Tls(source), Some(path)) => BuildError::CaCert { path: path.clone(), source },
+            (e, _) => BuildError::Client(e.to_string()),
+        })?;
         let session = auth::Session::new(http.clone(), settings.credentials);
         let api = Api::new(http, session, settings.interface, settings.region, settings.page_size);
         let resolved = groups.iter().map(|(g, _)| (g.clone(), OnceCell::new())).collect();
@@ -583,7 +622,8 @@ impl OpenStack {
     async fn delete_ports(&self, name: &str, ids: &[String]) {
         for id in ids {
             match self.api.delete_port(id).await {
-                Ok(()) | Err(api::Error::Status { status: 404, .. }) => {}
+                Ok(()) => {}
+                Err(e) if e.status() == Some(404) => {}
                 Err(e) => {
                     tracing::warn!(%name, port = %id, error = %e, "cannot delete a port made for this machine; it is left behind")
                 }
@@ -641,13 +681,20 @@ fn one_of<T>(mut ids: Vec<T>, what: &str, name: &str) -> Result<T> {
 }
 
 /// How cluster-autoscaler should see a server in ERROR.
+///
+/// Error codes: a failed create call gets the code of its error class (`OUT_OF_RESOURCES` for a
+/// quota or capacity refusal, `INVALID_REQUEST`, `UNAVAILABLE`, ...: see
+/// [`driver::Error::to_create_failure`](super::Error::to_create_failure)). A server Nova put in
+/// ERROR gets the same code for the same cause (a quota or capacity fault is
+/// `OUT_OF_RESOURCES`), and two codes for what only Nova's scheduler reports: `NO_VALID_HOST`
+/// and `SERVER_ERROR` (any other fault).
 fn failure_of(fault: Option<&api::Fault>) -> CreateFailure {
     let message = fault.map(|f| f.message.clone()).filter(|m| !m.is_empty());
-    let lower = message.as_deref().unwrap_or_default().to_ascii_lowercase();
-    let (class, code) = if lower.contains("no valid host") {
+    let text = message.as_deref().unwrap_or_default();
+    let (class, code) = if text.to_ascii_lowercase().contains("no valid host") {
         (ErrorClass::OutOfResources, "NO_VALID_HOST")
-    } else if lower.contains("quota exceeded") {
-        (ErrorClass::OutOfResources, "QUOTA_EXCEEDED")
+    } else if api::mentions_quota(text) || api::mentions_no_capacity(text) {
+        (ErrorClass::OutOfResources, "OUT_OF_RESOURCES")
     } else {
         (ErrorClass::Other, "SERVER_ERROR")
     };
@@ -695,9 +742,7 @@ impl Driver for OpenStack {
             Ok(id) => Ok(Machine { group: group.to_owned(), name: name.to_owned(), id, state: MachineState::Creating }),
             Err(e) => {
                 // Nova may have made the server although its answer never came back.
-                if matches!(e, api::Error::Timeout { .. } | api::Error::Transport { .. })
-                    || matches!(e, api::Error::Status { status, .. } if status >= 500)
-                {
+                if matches!(&e, api::Error::Http(h) if h.may_have_acted()) {
                     self.clean_up_lost_create(group, name).await;
                 }
                 self.delete_ports(name, &port_ids).await;
@@ -746,6 +791,7 @@ impl Driver for OpenStack {
             ephemeral_storage_bytes: (disk_gib > 0).then_some(disk_gib << 30),
             gpus: (r.gpus > 0).then_some(r.gpus),
             instance_type: Some(r.flavor.name.clone()),
+            arch: None,
         }))
     }
 

@@ -1,6 +1,12 @@
 //! A narrow client for the Proxmox VE API (`/api2/json`): the dozen calls the driver needs,
 //! authentication (API token, or a login ticket renewed before it expires), the `{"data": ...}`
-//! envelope, PVE's error bodies, and waiting for tasks (UPIDs).
+//! envelope, PVE's error answers ([`classify`], [`error_message`]), and waiting for tasks
+//! (UPIDs). Transport, TLS, the reason phrase and retries are the shared [`http`] layer's.
+//!
+//! PVE reports most failures as `500` with its words as the message: in the JSON body
+//! (`{"data": null, "message": "..."}`, libpve-http-server-perl 5.2 and later) or only in the
+//! status line (`HTTP/1.1 500 unable to create VM 100: config file already exists`, before
+//! 5.2, i.e. most PVE 7 and 8 installations). Both reach [`Error::message`].
 //!
 //! Why not the `proxmox-api` crate: it is async and generated from the full API schema, but
 //! its bundled reqwest client turns certificate checking off (`danger_accept_invalid_certs`),
@@ -13,7 +19,10 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio::{sync::Mutex, time::Instant};
 
-use crate::{config::Secret, driver};
+use crate::{
+    config::Secret,
+    driver::{self, http},
+};
 
 /// PVE tickets live two hours; renew well before.
 const TICKET_RENEW_AFTER: Duration = Duration::from_secs(90 * 60);
@@ -21,22 +30,9 @@ const TICKET_RENEW_AFTER: Duration = Duration::from_secs(90 * 60);
 /// Errors of one API call.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot reach proxmox for {method} {path}: {source}")]
-    Transport {
-        method: Method,
-        path: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("proxmox answered {method} {path} with {status}: {message}")]
-    Status { method: Method, path: String, status: u16, message: String },
-    #[error("cannot decode proxmox's answer to {method} {path}: {source}")]
-    Decode {
-        method: Method,
-        path: String,
-        #[source]
-        source: serde_json::Error,
-    },
+    /// The call failed or PVE answered with an error (after any retries).
+    #[error(transparent)]
+    Http(#[from] http::Error),
     #[error("unexpected answer to {path}: {what}")]
     Unexpected { path: String, what: String },
     #[error("task {upid} failed: {exitstatus}")]
@@ -46,10 +42,10 @@ pub enum Error {
 }
 
 impl Error {
-    /// The message PVE gave, for matching known failures.
+    /// The message PVE gave (body or status line), for matching known failures.
     pub fn message(&self) -> &str {
         match self {
-            Error::Status { message, .. } => message,
+            Error::Http(e) => e.message(),
             Error::TaskFailed { exitstatus, .. } => exitstatus,
             _ => "",
         }
@@ -58,8 +54,7 @@ impl Error {
     /// True for a "does not exist" answer (PVE says so with status 500, not 404).
     pub fn is_not_found(&self) -> bool {
         match self {
-            Error::Status { status: 404, .. } => true,
-            Error::Status { message, .. } => message.contains("does not exist") || message.contains("no such VM"),
+            Error::Http(e) => is_not_found(e),
             _ => false,
         }
     }
@@ -67,6 +62,17 @@ impl Error {
     /// True when a VMID is taken (a clone raced another create).
     pub fn is_vmid_taken(&self) -> bool {
         self.message().contains("already exists")
+    }
+}
+
+fn is_not_found(e: &http::Error) -> bool {
+    match e.status() {
+        Some(404) => true,
+        Some(_) => {
+            let m = e.message();
+            m.contains("does not exist") || m.contains("no such VM")
+        }
+        None => false,
     }
 }
 
@@ -78,19 +84,34 @@ fn is_out_of_resources(message: &str) -> bool {
         .any(|p| m.contains(p))
 }
 
+/// PVE's status table. `500` is PVE's `die`: its words say what happened ("does not exist",
+/// "not enough memory"), and a plain one is Other, never retried; 595/596 (the proxy could not
+/// reach the node) and 502..504 are Unavailable.
+pub fn classify(e: &http::Error) -> driver::Error {
+    let text = e.to_string();
+    let http::Error::Status { status, message, retry_after, .. } = e else {
+        return http::classify(e);
+    };
+    if is_out_of_resources(message) {
+        return driver::Error::OutOfResources(text);
+    }
+    if is_not_found(e) {
+        return driver::Error::NotFound(text);
+    }
+    match *status {
+        401 | 403 => driver::Error::Unauthorized(text),
+        429 => driver::Error::RateLimited { message: text, retry_after: *retry_after },
+        400 | 501 => driver::Error::InvalidRequest(text),
+        502..=504 | 595 | 596 => driver::Error::Unavailable(text),
+        _ => driver::Error::Other(text),
+    }
+}
+
 impl From<Error> for driver::Error {
     fn from(e: Error) -> Self {
         let text = e.to_string();
         match &e {
-            Error::Transport { source, .. } if source.is_timeout() => driver::Error::Timeout(text),
-            Error::Transport { .. } => driver::Error::Unavailable(text),
-            Error::Status { message, .. } if is_out_of_resources(message) => driver::Error::OutOfResources(text),
-            _ if e.is_not_found() => driver::Error::NotFound(text),
-            Error::Status { status: 401 | 403, .. } => driver::Error::Unauthorized(text),
-            Error::Status { status: 429, .. } => driver::Error::RateLimited { message: text, retry_after: None },
-            Error::Status { status: 400 | 501, .. } => driver::Error::InvalidRequest(text),
-            // 595/596: the proxy could not reach the node; 502/503/504 likewise.
-            Error::Status { status: 502..=504 | 595 | 596, .. } => driver::Error::Unavailable(text),
+            Error::Http(h) => classify(h),
             Error::TaskFailed { exitstatus, .. } if is_out_of_resources(exitstatus) => {
                 driver::Error::OutOfResources(text)
             }
@@ -121,7 +142,7 @@ struct Ticket {
 /// The API client. The ticket is written by `login` and read by every call.
 #[derive(Debug)]
 pub struct Api {
-    http: reqwest::Client,
+    http: http::Client,
     /// `https://host:8006/api2/json`
     base: String,
     auth: Auth,
@@ -135,8 +156,20 @@ pub struct Api {
 /// Parameters of a call, in order (a key may repeat, e.g. agent `command`).
 pub type Params = Vec<(&'static str, String)>;
 
+/// Whether a call may be sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repeat {
+    /// A clone, start, stop, destroy, agent command: sent once.
+    Never,
+    /// A read or a PUT of config: retried on transient failures.
+    Safe,
+    /// The listing of a Refresh: safe, but not retried (the core lists again next loop and
+    /// keeps the last picture up to `max_staleness`).
+    Listing,
+}
+
 impl Api {
-    pub fn new(http: reqwest::Client, base: String, auth: Auth, poll_interval: Duration) -> Api {
+    pub fn new(http: http::Client, base: String, auth: Auth, poll_interval: Duration) -> Api {
         Api {
             http,
             base: base.trim_end_matches('/').to_owned(),
@@ -147,22 +180,28 @@ impl Api {
         }
     }
 
-    /// `data` of a GET.
+    /// `data` of a GET (retried on transient failures).
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
-        self.call(Method::GET, path, query, &[]).await
+        self.call(Method::GET, path, query, &[], Repeat::Safe).await
     }
 
-    /// `data` of a POST with a form body.
+    /// `data` of a GET that fails fast: for the listing of a Refresh.
+    pub async fn list(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+        self.call(Method::GET, path, query, &[], Repeat::Listing).await
+    }
+
+    /// `data` of a POST with a form body; never repeated.
     pub async fn post(&self, path: &str, form: &[(&str, String)]) -> Result<Value> {
-        self.call(Method::POST, path, &[], form).await
+        self.call(Method::POST, path, &[], form, Repeat::Never).await
     }
 
+    /// A PUT sets the same state however often it is sent: retried on transient failures.
     pub async fn put(&self, path: &str, form: &[(&str, String)]) -> Result<Value> {
-        self.call(Method::PUT, path, &[], form).await
+        self.call(Method::PUT, path, &[], form, Repeat::Safe).await
     }
 
     pub async fn delete(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
-        self.call(Method::DELETE, path, query, &[]).await
+        self.call(Method::DELETE, path, query, &[], Repeat::Never).await
     }
 
     async fn call(
@@ -171,12 +210,13 @@ impl Api {
         path: &str,
         query: &[(&str, String)],
         form: &[(&str, String)],
+        repeat: Repeat,
     ) -> Result<Value> {
-        match self.call_once(&method, path, query, form).await {
+        match self.call_once(&method, path, query, form, repeat).await {
             // An expired or revoked ticket: log in again once.
-            Err(Error::Status { status: 401, .. }) if matches!(self.auth, Auth::Password { .. }) => {
+            Err(Error::Http(e)) if e.status() == Some(401) && matches!(self.auth, Auth::Password { .. }) => {
                 *self.ticket.lock().await = None;
-                self.call_once(&method, path, query, form).await
+                self.call_once(&method, path, query, form, repeat).await
             }
             other => other,
         }
@@ -188,8 +228,10 @@ impl Api {
         path: &str,
         query: &[(&str, String)],
         form: &[(&str, String)],
+        repeat: Repeat,
     ) -> Result<Value> {
-        let mut request = self.http.request(method.clone(), format!("{}{path}", self.base));
+        let mut request =
+            self.http.request(method.clone(), format!("{}{path}", self.base)).label(format!("proxmox {method} {path}"));
         if !query.is_empty() {
             request = request.query(query);
         }
@@ -206,34 +248,14 @@ impl Api {
             }
         }
         if *method != Method::GET && *method != Method::DELETE {
-            request = request
-                .header("Content-Type", "application/x-www-form-urlencoded")
-                .body(form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish());
+            request = request.form(form);
         }
-        self.send(method, path, request).await
-    }
-
-    async fn send(&self, method: &Method, path: &str, request: reqwest::RequestBuilder) -> Result<Value> {
-        let transport = |source| Error::Transport { method: method.clone(), path: path.to_owned(), source };
-        let response = request.send().await.map_err(transport)?;
-        let status = response.status();
-        let reason = status.canonical_reason().unwrap_or("").to_owned();
-        let bytes = response.bytes().await.map_err(transport)?;
-        let body: Value = match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
-            Err(source) if status.is_success() => {
-                return Err(Error::Decode { method: method.clone(), path: path.to_owned(), source });
-            }
-            Err(_) => Value::Null,
+        request = match repeat {
+            Repeat::Never => request,
+            Repeat::Safe => request.idempotent(),
+            Repeat::Listing => request.idempotent().retry(http::Retry::NONE),
         };
-        if !status.is_success() {
-            return Err(Error::Status {
-                method: method.clone(),
-                path: path.to_owned(),
-                status: status.as_u16(),
-                message: error_message(&body, &reason),
-            });
-        }
+        let body: Value = request.send().await?.json()?;
         Ok(body.get("data").cloned().unwrap_or(Value::Null))
     }
 
@@ -247,13 +269,18 @@ impl Api {
             return Ok((t.ticket.clone(), t.csrf.clone()));
         }
         let path = "/access/ticket";
-        let form = [("username", user.clone()), ("password", password.expose().to_owned())];
-        let request = self
+        let form = [("username", user.as_str()), ("password", password.expose())];
+        // A login changes nothing a repeat could double: safe to retry.
+        let answer: Value = self
             .http
             .post(format!("{}{path}", self.base))
-            .header("Content-Type", "application/x-www-form-urlencoded")
-            .body(form_urlencoded::Serializer::new(String::new()).extend_pairs(&form).finish());
-        let data = self.send(&Method::POST, path, request).await?;
+            .label(format!("proxmox POST {path}"))
+            .form(&form)
+            .idempotent()
+            .send()
+            .await?
+            .json()?;
+        let data = answer.get("data").cloned().unwrap_or(Value::Null);
         let field = |k: &str| {
             data.get(k)
                 .and_then(Value::as_str)
@@ -299,15 +326,22 @@ impl Api {
     }
 }
 
-/// PVE's error text: `message`, plus per-parameter `errors` for a 400.
-fn error_message(body: &Value, reason: &str) -> String {
-    let mut message = body.get("message").and_then(Value::as_str).unwrap_or(reason).trim().to_owned();
-    if let Some(errors) = body.get("errors").and_then(Value::as_object) {
-        let detail: Vec<String> =
-            errors.iter().map(|(k, v)| format!("{k}: {}", v.as_str().unwrap_or("").trim())).collect();
-        message = format!("{message} ({})", detail.join("; "));
+/// PVE's error text from a JSON body: `message`, plus per-parameter `errors` for a 400;
+/// `None` when the body has neither (PVE before 5.2: the message is in the status line).
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let body: Value = serde_json::from_slice(body).ok()?;
+    let message = body.get("message").and_then(Value::as_str).map(|m| m.trim().to_owned()).filter(|m| !m.is_empty());
+    let detail: Vec<String> = body
+        .get("errors")
+        .and_then(Value::as_object)
+        .map(|errors| errors.iter().map(|(k, v)| format!("{k}: {}", v.as_str().unwrap_or("").trim())).collect())
+        .unwrap_or_default();
+    match (message, detail.is_empty()) {
+        (Some(m), true) => Some(m),
+        (Some(m), false) => Some(format!("{m} ({})", detail.join("; "))),
+        (None, false) => Some(format!("Parameter verification failed. ({})", detail.join("; "))),
+        (None, true) => None,
     }
-    if message.is_empty() { "no message".into() } else { message }
 }
 
 /// The node a task runs on: `UPID:<node>:<pid>:<pstart>:<starttime>:<type>:<id>:<user>:`.
@@ -329,11 +363,14 @@ mod tests {
 
     #[test]
     fn errors_are_classified_like_the_cloud_means_them() {
-        let status = |status, message: &str| Error::Status {
-            method: Method::POST,
-            path: "/x".into(),
-            status,
-            message: message.into(),
+        let status = |status, message: &str| {
+            Error::Http(http::Error::Status {
+                what: "proxmox POST /x".into(),
+                status,
+                message: message.into(),
+                retry_after: None,
+                body: bytes::Bytes::new(),
+            })
         };
         let kind = |e: Error| driver::Error::from(e).kind();
         assert_eq!(kind(status(401, "authentication failure")), "unauthorized");
@@ -390,7 +427,8 @@ mod tests {
 
     fn password_api(base: String) -> Api {
         let auth = Auth::Password { user: "u@pve".into(), password: Secret::new("p".into()) };
-        Api::new(reqwest::Client::new(), base, auth, Duration::from_millis(10))
+        let client = http::Client::new(http::Settings::new(http::Trust::PublicRoots)).unwrap();
+        Api::new(client, base, auth, Duration::from_millis(10))
     }
 
     #[tokio::test]
@@ -415,6 +453,9 @@ mod tests {
     #[test]
     fn parameter_errors_are_spelled_out() {
         let body = serde_json::json!({"data": null, "errors": {"cores": "value must be >= 1\n"}, "message": "Parameter verification failed.\n"});
-        assert_eq!(error_message(&body, "Bad Request"), "Parameter verification failed. (cores: value must be >= 1)");
+        assert_eq!(
+            error_message(body.to_string().as_bytes()).as_deref(),
+            Some("Parameter verification failed. (cores: value must be >= 1)")
+        );
     }
 }

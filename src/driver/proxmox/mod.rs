@@ -47,12 +47,11 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape};
+use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape, http};
 use crate::config::{Problems, Section};
 
 pub mod api;
 pub mod ippool;
-pub mod tls;
 
 use api::{Api, Auth};
 use ippool::IpPool;
@@ -68,7 +67,9 @@ pub struct CloudSettings {
     /// `https://pve.example:8006` (the `/api2/json` suffix is added).
     pub url: String,
     pub auth: Auth,
-    pub trust: tls::Trust,
+    pub trust: http::Trust,
+    /// `http://` to a host that is not loopback: an explicit opt-in.
+    pub allow_plain_http: bool,
     /// Nodes VMs may be placed on; empty: every online node.
     pub nodes: Vec<String>,
     pub vmid_range: Option<(u32, u32)>,
@@ -111,11 +112,13 @@ fn is_tag_safe(s: &str) -> bool {
 impl CloudSettings {
     pub fn parse(s: &mut Section<'_>, p: &mut Problems) -> Option<CloudSettings> {
         let url = s.required_string("url", p);
-        if let Some(u) = &url {
-            let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"].iter().any(|l| u.starts_with(l));
-            if !u.starts_with("https://") && !loopback {
-                p.push(s.key_path("url"), "must be https:// (plain http only to a loopback address)");
-            }
+        let allow_plain_http = s.boolean("allow_plain_http", p).unwrap_or(false);
+        if let Some(u) = &url
+            && let Err(e) = http::check_url(u, allow_plain_http)
+        {
+            let hint =
+                if matches!(e, http::UrlError::PlainHttp { .. }) { " (allow_plain_http = true opts in)" } else { "" };
+            p.push(s.key_path("url"), format!("{e}{hint}"));
         }
         let token_mode = s.contains("token_id") || s.contains("token_secret");
         let password_mode = s.contains("username") || s.contains("password");
@@ -158,20 +161,20 @@ impl CloudSettings {
                 None
             }
             (Some(file), None) => match std::fs::read(p.resolve(&file)) {
-                Ok(pem) => Some(tls::Trust::CaPem(pem)),
+                Ok(pem) => Some(http::Trust::CaPem(pem)),
                 Err(e) => {
                     p.push(s.key_path("ca_file"), format!("cannot read {file}: {e}"));
                     None
                 }
             },
-            (None, Some(fp)) => match tls::parse_fingerprint(&fp) {
-                Some(pin) => Some(tls::Trust::Fingerprint(pin)),
+            (None, Some(fp)) => match http::tls::parse_fingerprint(&fp) {
+                Some(pin) => Some(http::Trust::Fingerprint(pin)),
                 None => {
                     p.push(s.key_path("tls_fingerprint"), "must be a SHA-256 fingerprint (64 hex digits, ':' allowed)");
                     None
                 }
             },
-            (None, None) => Some(tls::Trust::PublicRoots),
+            (None, None) => Some(http::Trust::PublicRoots),
         };
         let nodes = s.string_list("nodes", p);
         let vmid_min: Option<u32> = s.integer("vmid_min", p);
@@ -191,6 +194,7 @@ impl CloudSettings {
             url: url?,
             auth: auth?,
             trust: trust?,
+            allow_plain_http,
             nodes,
             vmid_range,
             task_timeout,
@@ -353,6 +357,98 @@ struct Caches {
     ips: HashMap<(u32, String), Option<Ipv4Addr>>,
     /// (vmid, name) -> group named by the description marker of an untagged VM, if any.
     markers: HashMap<(u32, String), Option<String>>,
+    /// (template vmid, node) -> the storages of the template's volumes (`None`: a device path).
+    template_volumes: HashMap<(u32, String), Vec<Option<String>>>,
+}
+
+/// What `/cluster/resources` says about storages: `shared`, content, and the nodes each one is
+/// enabled on (one entry per node). Empty when the token may not see storages
+/// (`Datastore.Audit`).
+#[derive(Debug, Default)]
+struct Storages {
+    /// storage -> (shared, holds VM images)
+    kinds: HashMap<String, (bool, bool)>,
+    /// (node, storage) pairs present.
+    on: HashSet<(String, String)>,
+}
+
+impl Storages {
+    fn from_resources(resources: &[Value]) -> Storages {
+        let mut out = Storages::default();
+        for r in resources.iter().filter(|v| v.get("type").and_then(Value::as_str) == Some("storage")) {
+            let (Some(id), Some(node)) =
+                (r.get("storage").and_then(Value::as_str), r.get("node").and_then(Value::as_str))
+            else {
+                continue;
+            };
+            let shared = r.get("shared").and_then(Value::as_u64) == Some(1);
+            let images = r.get("content").and_then(Value::as_str).unwrap_or("").split(',').any(|c| c == "images");
+            out.kinds.insert(id.to_owned(), (shared, images));
+            out.on.insert((node.to_owned(), id.to_owned()));
+        }
+        out
+    }
+
+    fn shared(&self, id: &str) -> bool {
+        self.kinds.get(id).is_some_and(|(shared, _)| *shared)
+    }
+}
+
+/// Where clones of one template may go, as PVE's `clone_vm` decides it: another node than the
+/// template's only when every volume of the template is on shared storage and the target
+/// storage (if any) is shared and enabled there.
+#[derive(Debug)]
+struct Placement {
+    template: u32,
+    template_node: String,
+    /// Why clones must stay on the template's node; `None`: any node with the storage.
+    local_only: Option<String>,
+    /// The target storage, which must be enabled on the chosen node.
+    storage: Option<String>,
+}
+
+impl Placement {
+    fn allows(&self, node: &str, storages: &Storages) -> bool {
+        node == self.template_node
+            || (self.local_only.is_none()
+                && self.storage.as_ref().is_none_or(|st| storages.on.contains(&(node.to_owned(), st.clone()))))
+    }
+
+    /// Why no node in `nodes` can take a clone.
+    fn refusal(&self, nodes: &[&str]) -> String {
+        format!(
+            "template {} is on {} and {}, so clones can only go to {}, which is not among the allowed nodes ({})",
+            self.template,
+            self.template_node,
+            self.local_only.as_deref().unwrap_or("the target storage is not on the other nodes"),
+            self.template_node,
+            nodes.join(", ")
+        )
+    }
+}
+
+/// The storages of a VM's volumes, from its config (`scsi0: ceph:base-9000-disk-0,size=8G`);
+/// `None` for a device path. Empty drives (`none`, `cdrom`) are skipped, as PVE does.
+fn volume_storages(config: &Value) -> Vec<Option<String>> {
+    let Some(map) = config.as_object() else { return Vec::new() };
+    let is_volume = |key: &str| {
+        let bus = key.trim_end_matches(|c: char| c.is_ascii_digit());
+        (bus.len() < key.len() && ["ide", "sata", "scsi", "virtio"].contains(&bus))
+            || key == "efidisk0"
+            || key == "tpmstate0"
+    };
+    map.iter()
+        .filter(|(k, _)| is_volume(k))
+        .filter_map(|(_, v)| {
+            let file = v.as_str()?.split(',').next()?;
+            let file = file.strip_prefix("file=").unwrap_or(file);
+            match file {
+                "" | "none" | "cdrom" => None,
+                f if f.starts_with('/') => Some(None),
+                f => Some(f.split_once(':').map(|(st, _)| st.to_owned())),
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug)]
@@ -405,20 +501,40 @@ impl Drop for CreateGuard<'_> {
     }
 }
 
+/// The Proxmox driver's [`Constructor`](super::Constructor).
+pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<super::SharedDriver> {
+    let cloud = CloudSettings::parse(&mut setup.section, p);
+    let mut groups = HashMap::new();
+    let mut prefixes = Vec::new();
+    for g in &mut setup.groups {
+        if let Some(s) = GroupSettings::parse(&g.config.name, &mut g.machine, p) {
+            groups.insert(g.config.name.clone(), s);
+        }
+        prefixes.push((g.config.name.clone(), g.config.name_prefix.clone()));
+    }
+    match Proxmox::new(setup.cluster, cloud?, groups, prefixes) {
+        Ok(d) => Some(std::sync::Arc::new(d)),
+        Err(e) => {
+            p.push(setup.section.key_path("ca_file"), format!("cannot set up TLS: {e}"));
+            None
+        }
+    }
+}
+
 impl Proxmox {
     pub fn new(
         cluster: &str,
         cloud: CloudSettings,
         groups: HashMap<String, GroupSettings>,
         name_prefixes: Vec<(String, String)>,
-    ) -> Result<Proxmox, tls::Error> {
-        let tls = tls::client_config(&cloud.trust)?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .connect_timeout(Duration::from_secs(10))
+    ) -> Result<Proxmox, http::BuildError> {
+        let settings = http::Settings::new(cloud.trust.clone())
             .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| tls::Error::Pem(e.to_string()))?;
+            .connect_timeout(Duration::from_secs(10))
+            .allow_plain_http(cloud.allow_plain_http)
+            .classify(api::classify)
+            .error_message(api::error_message);
+        let http = http::Client::new(settings)?;
         let base = format!("{}/api2/json", cloud.url.trim_end_matches('/'));
         let api = Api::new(http, base, cloud.auth.clone(), cloud.poll_interval);
         Ok(Proxmox {
@@ -531,35 +647,169 @@ impl Proxmox {
         Ok(used)
     }
 
-    fn choose_node(&self, settings: &GroupSettings, resources: &[Value], memory: u64) -> Result<String> {
-        let allowed = if settings.nodes.is_empty() { &self.cloud.nodes } else { &settings.nodes };
-        let pending = lock(&self.reservations).node_memory.clone();
-        let mut best: Option<(u64, String)> = None;
-        let mut seen = 0;
-        for n in resources.iter().filter(|v| v.get("type").and_then(Value::as_str) == Some("node")) {
-            let Some(name) = n.get("node").and_then(Value::as_str) else { continue };
-            if !allowed.is_empty() && !allowed.iter().any(|a| a == name) {
-                continue;
+    /// The storages of the template's volumes (read once per template and node).
+    async fn template_volumes(&self, template: &Vm) -> Result<Vec<Option<String>>> {
+        let key = (template.vmid, template.node.clone());
+        if let Some(known) = lock(&self.caches).template_volumes.get(&key) {
+            return Ok(known.clone());
+        }
+        let volumes = volume_storages(&self.config(template).await?);
+        lock(&self.caches).template_volumes.insert(key, volumes.clone());
+        Ok(volumes)
+    }
+
+    /// Where clones of `template` may go. Reads the template's config only when a node other
+    /// than the template's could be chosen.
+    async fn placement(
+        &self,
+        settings: &GroupSettings,
+        template: &Vm,
+        storages: &Storages,
+        candidates: &[&str],
+    ) -> Result<Placement> {
+        let storage = settings.storage.clone();
+        let visible = !storages.kinds.is_empty();
+        if let Some(st) = &storage
+            && visible
+        {
+            // PVE checks the target storage on the template's node first, whatever the target.
+            if !storages.on.contains(&(template.node.clone(), st.clone())) {
+                return Err(Error::InvalidRequest(format!(
+                    "storage '{st}' is not available on node '{}', where template {} is",
+                    template.node, template.vmid
+                )));
             }
-            if n.get("status").and_then(Value::as_str) != Some("online") {
-                continue;
-            }
-            seen += 1;
-            let max = n.get("maxmem").and_then(Value::as_u64).unwrap_or(0);
-            let used = n.get("mem").and_then(Value::as_u64).unwrap_or(0) + pending.get(name).copied().unwrap_or(0);
-            let free = max.saturating_sub(used);
-            if free >= memory && best.as_ref().is_none_or(|(f, _)| free > *f) {
-                best = Some((free, name.to_owned()));
+            if storages.kinds.get(st).is_some_and(|(_, images)| !images) {
+                return Err(Error::InvalidRequest(format!("storage '{st}' does not hold VM images")));
             }
         }
-        match best {
-            Some((_, node)) => Ok(node),
-            None if seen == 0 => Err(Error::Unavailable(format!(
+        let mut placement =
+            Placement { template: template.vmid, template_node: template.node.clone(), local_only: None, storage };
+        if candidates.iter().all(|n| *n == template.node) {
+            return Ok(placement);
+        }
+        if !visible {
+            placement.local_only = Some(
+                "the storage configuration is not visible to these credentials (Datastore.Audit on /storage)".into(),
+            );
+            return Ok(placement);
+        }
+        if let Some(st) = placement.storage.as_ref().filter(|st| !storages.shared(st)) {
+            // Settled without reading the template.
+            placement.local_only = Some(format!("the target storage '{st}' is not shared"));
+            return Ok(placement);
+        }
+        let volumes = self.template_volumes(template).await?;
+        placement.local_only = match volumes.iter().find(|v| v.as_deref().is_none_or(|st| !storages.shared(st))) {
+            Some(Some(st)) => Some(format!("its volumes are on local storage '{st}'")),
+            Some(None) => Some("it has a volume on a device path".to_owned()),
+            None => None,
+        };
+        Ok(placement)
+    }
+
+    /// The allowed, online node with the most free memory that a clone can go to.
+    async fn choose_node(
+        &self,
+        settings: &GroupSettings,
+        template: &Vm,
+        resources: &[Value],
+        memory: u64,
+    ) -> Result<String> {
+        let allowed = if settings.nodes.is_empty() { &self.cloud.nodes } else { &settings.nodes };
+        let nodes: Vec<&Value> =
+            resources.iter().filter(|v| v.get("type").and_then(Value::as_str) == Some("node")).collect();
+        let name = |n: &Value| n.get("node").and_then(Value::as_str).map(str::to_owned);
+        let candidates: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.get("status").and_then(Value::as_str) == Some("online"))
+            .filter_map(|n| name(n))
+            .filter(|n| allowed.is_empty() || allowed.contains(n))
+            .collect();
+        if candidates.is_empty() {
+            return Err(Error::Unavailable(format!(
                 "no online proxmox node among {}",
                 if allowed.is_empty() { "the cluster".to_owned() } else { allowed.join(", ") }
-            ))),
-            None => Err(Error::OutOfResources(format!("no proxmox node has {} MiB of memory free", memory >> 20))),
+            )));
         }
+        let storages = Storages::from_resources(resources);
+        let names: Vec<&str> = candidates.iter().map(String::as_str).collect();
+        let placement = self.placement(settings, template, &storages, &names).await?;
+        let eligible: Vec<&str> = names.iter().copied().filter(|n| placement.allows(n, &storages)).collect();
+        if eligible.is_empty() {
+            let permitted = allowed.is_empty() || allowed.contains(&placement.template_node);
+            return Err(if permitted {
+                Error::Unavailable(format!(
+                    "node {} is offline, and clones of template {} can only go there: {}",
+                    placement.template_node,
+                    placement.template,
+                    placement.local_only.as_deref().unwrap_or("the target storage is only there")
+                ))
+            } else {
+                Error::InvalidRequest(placement.refusal(&names))
+            });
+        }
+        let pending = lock(&self.reservations).node_memory.clone();
+        let mut best: Option<(u64, String)> = None;
+        for n in nodes.iter().filter(|n| name(n).is_some_and(|x| eligible.contains(&x.as_str()))) {
+            let node = name(n).unwrap_or_default();
+            let max = n.get("maxmem").and_then(Value::as_u64).unwrap_or(0);
+            let used = n.get("mem").and_then(Value::as_u64).unwrap_or(0) + pending.get(&node).copied().unwrap_or(0);
+            let free = max.saturating_sub(used);
+            if free >= memory && best.as_ref().is_none_or(|(f, _)| free > *f) {
+                best = Some((free, node));
+            }
+        }
+        best.map(|(_, node)| node).ok_or_else(|| {
+            Error::OutOfResources(format!(
+                "no proxmox node that can take a clone of template {} ({}) has {} MiB of memory free",
+                template.vmid,
+                eligible.join(", "),
+                memory >> 20
+            ))
+        })
+    }
+
+    /// Whether each group's template and placement settings can work on this cluster.
+    async fn check_groups(&self) -> Result<()> {
+        let resources = self.resources(None).await?;
+        let vms: Vec<Vm> = resources.iter().filter_map(Vm::from_json).collect();
+        let storages = Storages::from_resources(&resources);
+        let cluster_nodes: Vec<String> = resources
+            .iter()
+            .filter(|v| v.get("type").and_then(Value::as_str) == Some("node"))
+            .filter_map(|n| n.get("node").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        let mut problems = Vec::new();
+        let mut groups: Vec<(&String, &GroupSettings)> = self.groups.iter().collect();
+        groups.sort_by_key(|(g, _)| *g);
+        for (group, settings) in groups {
+            let allowed = if settings.nodes.is_empty() { &self.cloud.nodes } else { &settings.nodes };
+            let unknown: Vec<&String> = allowed.iter().filter(|n| !cluster_nodes.contains(n)).collect();
+            if !unknown.is_empty() {
+                problems.push(format!("group {group}: no such node {unknown:?}"));
+            }
+            let Some(template) = vms.iter().find(|v| v.vmid == settings.template) else {
+                problems.push(format!("group {group}: template VM {} not found", settings.template));
+                continue;
+            };
+            if !template.template {
+                problems.push(format!("group {group}: VM {} is not a template", settings.template));
+            }
+            let names: Vec<&str> = if allowed.is_empty() {
+                cluster_nodes.iter().map(String::as_str).collect()
+            } else {
+                allowed.iter().map(String::as_str).collect()
+            };
+            match self.placement(settings, template, &storages, &names).await {
+                Ok(p) if !names.iter().any(|n| p.allows(n, &storages)) => {
+                    problems.push(format!("group {group}: {}", p.refusal(&names)))
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("group {group}: {e}")),
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(Error::InvalidRequest(problems.join("; "))) }
     }
 
     /// A VMID for the next clone attempt, reserved in-process.
@@ -716,7 +966,7 @@ impl Proxmox {
             .ok_or_else(|| Error::InvalidRequest(format!("template VM {} not found", settings.template)))?
             .clone();
         let memory = settings.memory_mib.map(|m| m << 20).or(template.maxmem).unwrap_or(0);
-        let node = self.choose_node(settings, &resources, memory)?;
+        let node = self.choose_node(settings, &template, &resources, memory).await?;
         *lock(&self.reservations).node_memory.entry(node.clone()).or_default() += memory;
         guard.node_memory = Some((node.clone(), memory));
 
@@ -866,7 +1116,8 @@ impl Driver for Proxmox {
     }
 
     async fn list(&self) -> Result<Vec<Machine>> {
-        let vms: Vec<Vm> = self.resources(Some("vm")).await?.iter().filter_map(Vm::from_json).collect();
+        let data = self.api.list("/cluster/resources", &[("type", "vm".to_owned())]).await?;
+        let vms: Vec<Vm> = data.as_array().into_iter().flatten().filter_map(Vm::from_json).collect();
         let in_flight = lock(&self.reservations).names.clone();
         let owned = self.owned(&vms).await?;
         Ok(owned
@@ -954,8 +1205,10 @@ impl Driver for Proxmox {
         Ok(Some(Shape { cpu_millis: cpu.map(|c| c * 1000), memory_bytes: memory, ..Shape::default() }))
     }
 
+    /// Credentials, then whether each group's template exists and its clones have somewhere
+    /// to go (storage and `nodes`).
     async fn check(&self) -> Result<()> {
         self.api.get("/version", &[]).await?;
-        Ok(())
+        self.check_groups().await
     }
 }

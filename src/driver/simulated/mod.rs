@@ -140,6 +140,34 @@ pub struct Simulated {
     plan: FaultPlan,
 }
 
+/// The simulated driver's [`Constructor`](super::Constructor): `[clouds.NAME]` keys, and
+/// `register_node` of each group's `machine` table.
+pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<super::SharedDriver> {
+    let settings = Settings::parse(&mut setup.section, p);
+    let mut registering = BTreeMap::new();
+    for g in &mut setup.groups {
+        if g.machine.boolean("register_node", p).unwrap_or(true) {
+            let shape = nodes::GroupNodes {
+                template: crate::template::Template::build(g.config, super::Shape::default(), setup.gpu_label),
+                provider_id: g.config.provider_id.clone(),
+                region: setup.cloud.region.clone(),
+            };
+            registering.insert(g.config.name.clone(), shape);
+        }
+    }
+    let registrar = settings.kubeconfig.clone().map(|path| nodes::Registrar::new(path, setup.cluster, registering));
+    match Simulated::new(setup.cluster, settings) {
+        Ok(d) => Some(Arc::new(match registrar {
+            Some(r) => d.with_registrar(r),
+            None => d,
+        })),
+        Err(e) => {
+            p.push(setup.section.key_path("state_file"), format!("cannot load: {e}"));
+            None
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

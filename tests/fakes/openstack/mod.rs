@@ -4,6 +4,12 @@
 //! lookups the driver makes in Glance and Neutron. It follows the OpenStack API reference for
 //! paths, status codes and error bodies.
 //!
+//! Keystone sits under `/identity` as on DevStack, with its version discovery as keystone's
+//! `api/discovery.py` serves it: `GET /identity` answers `300 Multiple Choices` with
+//! `{"versions": {"values": [...]}}` (or, behind some proxies, `200`; see [`Discovery`]), and
+//! `GET /identity/v3` answers `200` with `{"version": {...}}`; each entry links `rel: self` to
+//! `<base>/identity/v3/`.
+//!
 //! Every request is recorded and checked: a missing or unknown token, a Nova request without
 //! the compute microversion header, a malformed create body or a path the fake does not serve
 //! is a *problem*, answered as OpenStack would (401, 400, 404) and listed by
@@ -80,17 +86,35 @@ pub struct Server {
     pub body: Value,
 }
 
-/// An answer queued for the next request matching `method` and `path`.
+/// How `GET /identity` (the unversioned Keystone endpoint) answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Discovery {
+    /// Keystone itself: `300 Multiple Choices`, `{"versions": {"values": [v3]}}`.
+    #[default]
+    MultipleChoices,
+    /// A proxy that turns it into `200`, same body.
+    Ok,
+    /// `200` with `{"versions": [...]}` (the shape of Nova's and Cinder's documents).
+    OkList,
+    /// Only a v2.0 entry, as a Keystone of before Queens with v3 turned off.
+    OnlyV2,
+}
+
+/// An answer queued for the next request matching `method` and `path`: the fault hook. New
+/// kinds of fault are new fields here and a branch in `handle`.
 struct Injected {
     method: Method,
     path: String,
     status: u16,
     body: Value,
     headers: Vec<(&'static str, String)>,
+    /// Act on the request first (the cloud did it), then answer this: a lost response.
+    act_first: bool,
 }
 
 struct Inner {
     base: String,
+    discovery: Discovery,
     latency: Duration,
     token_lifetime: Duration,
     tokens: HashMap<String, SystemTime>,
@@ -164,6 +188,7 @@ impl Fake {
         let base = format!("{scheme}://{}", listener.local_addr().unwrap());
         let inner = Arc::new(Mutex::new(Inner {
             base: base.clone(),
+            discovery: Discovery::default(),
             latency: Duration::ZERO,
             token_lifetime: Duration::from_secs(3600),
             tokens: HashMap::new(),
@@ -203,6 +228,15 @@ impl Fake {
     /// Keystone's v3 URL, for credentials.
     pub fn auth_url(&self) -> String {
         format!("{}/identity/v3", self.base)
+    }
+
+    /// Keystone's unversioned URL, as DevStack's `openrc` and many `clouds.yaml` files give it.
+    pub fn unversioned_auth_url(&self) -> String {
+        format!("{}/identity", self.base)
+    }
+
+    pub fn set_discovery(&self, d: Discovery) {
+        self.lock().discovery = d;
     }
 
     pub fn set_latency(&self, d: Duration) {
@@ -250,7 +284,20 @@ impl Fake {
         body: Value,
         headers: Vec<(&'static str, String)>,
     ) {
-        self.lock().injected.push(Injected { method, path: path.to_owned(), status, body, headers });
+        self.lock().injected.push(Injected { method, path: path.to_owned(), status, body, headers, act_first: false });
+    }
+
+    /// Carries out the next request `method path`, then answers `status` and `body` instead of
+    /// its result, as a proxy that timed out after Nova acted would.
+    pub fn lose_next_answer(&self, method: Method, path: &str, status: u16, body: Value) {
+        self.lock().injected.push(Injected {
+            method,
+            path: path.to_owned(),
+            status,
+            body,
+            headers: Vec::new(),
+            act_first: true,
+        });
     }
 
     /// Keystone forgets every token it issued (as after a revocation).
@@ -375,6 +422,39 @@ impl Inner {
                 ep("k1", "public", "RegionOne", format!("{b}/identity/v3")),
             ]},
         ])
+    }
+
+    /// One version entry of keystone's discovery documents.
+    fn version_entry(&self, id: &str) -> Value {
+        let (status, path) = if id == "v2.0" { ("deprecated", "v2.0") } else { ("stable", "v3") };
+        json!({
+            "id": id,
+            "status": status,
+            "updated": "2020-04-07T00:00:00Z",
+            "links": [{ "rel": "self", "href": format!("{}/identity/{path}/", self.base) }],
+            "media-types": [{ "base": "application/json", "type": format!("application/vnd.openstack.identity-{path}+json") }],
+        })
+    }
+
+    /// `GET /identity` and `GET /identity/v3`, which need no token.
+    fn discovery(&mut self, versioned: bool, accept: Option<&str>) -> Response {
+        if accept.is_some_and(|a| a.contains("json-home")) {
+            self.problems.push("discovery asked for JSON Home, which the driver cannot read".into());
+        }
+        if versioned {
+            return (StatusCode::OK, axum::Json(json!({ "version": self.version_entry("v3.14") }))).into_response();
+        }
+        let values = match self.discovery {
+            Discovery::OnlyV2 => vec![self.version_entry("v2.0")],
+            _ => vec![self.version_entry("v3.14")],
+        };
+        match self.discovery {
+            Discovery::MultipleChoices | Discovery::OnlyV2 => {
+                (StatusCode::MULTIPLE_CHOICES, axum::Json(json!({ "versions": { "values": values } }))).into_response()
+            }
+            Discovery::Ok => (StatusCode::OK, axum::Json(json!({ "versions": { "values": values } }))).into_response(),
+            Discovery::OkList => (StatusCode::OK, axum::Json(json!({ "versions": values }))).into_response(),
+        }
     }
 
     fn issue_token(&mut self, body: Option<&Value>) -> Response {
@@ -822,8 +902,15 @@ async fn handle(
     if method == Method::POST && headers.get("Content-Type").and_then(|v| v.to_str().ok()) != Some("application/json") {
         i.problems.push(format!("POST {path} without Content-Type: application/json"));
     }
+    let discovery = match path.trim_end_matches('/') {
+        "/identity" => Some(false),
+        "/identity/v3" => Some(true),
+        _ => None,
+    };
     let response = if method == Method::POST && path == "/identity/v3/auth/tokens" {
         i.issue_token(json_body.as_ref())
+    } else if let (true, Some(versioned)) = (method == Method::GET, discovery) {
+        i.discovery(versioned, headers.get("Accept").and_then(|v| v.to_str().ok()))
     } else {
         let now = SystemTime::now();
         let valid = token.as_ref().and_then(|t| i.tokens.get(t)).is_some_and(|exp| *exp > now);
@@ -840,6 +927,9 @@ async fn handle(
             unauthorized()
         } else if let Some(pos) = i.injected.iter().position(|f| f.method == method && f.path == path) {
             let f = i.injected.remove(pos);
+            if f.act_first {
+                i.route(&method, &path, &query, json_body.as_ref());
+            }
             let mut r = (StatusCode::from_u16(f.status).unwrap(), axum::Json(f.body)).into_response();
             for (k, v) in f.headers {
                 r.headers_mut().insert(k, HeaderValue::from_str(&v).unwrap());

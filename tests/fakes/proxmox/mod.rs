@@ -1,8 +1,27 @@
 //! A fake Proxmox VE API on loopback: `/api2/json` with the `{"data": ...}` envelope, token and
-//! ticket auth (CSRF on writes), `/cluster/resources`, `/cluster/nextid`, clone, config,
-//! start, stop, shutdown, destroy returning UPIDs that finish after a delay (or fail), task
-//! status, and guest-agent exec. Every request is checked against the endpoint's parameters
-//! and recorded; anything unexpected is a problem that `assert_clean` fails on.
+//! ticket auth (CSRF on writes), `/cluster/resources` (nodes, VMs, storages), `/cluster/nextid`,
+//! clone, config, start, stop, shutdown, destroy returning UPIDs that finish after a delay (or
+//! fail), task status, and guest-agent exec. Every request is checked against the endpoint's
+//! parameters and recorded; anything unexpected is a problem that `assert_clean` fails on.
+//!
+//! Modelled from the PVE sources:
+//! * **Where errors go** ([`HttpServer`]): libpve-http-server-perl writes the first line of an
+//!   error message as the HTTP reason phrase (`HTTP/1.1 500 unable to create VM 100: config
+//!   file already exists`); before 5.2.0 the JSON body is only `{"data":null}` (plus `errors`
+//!   for parameter errors), from 5.2.0 on it also carries `message`. Every error answer of the
+//!   fake goes through [`finish_error`], so both shapes are produced from one handler.
+//! * **Clone refusals** (qemu-server `PVE/API2/Qemu.pm`, `clone_vm`), in PVE's order: an unknown
+//!   target node, a target storage that does not exist, is disabled or not on the node, holds
+//!   no VM images, or (with another target node) is not shared ("can't clone to non-shared
+//!   storage 'X'"); then the source's config on this node, `storage` with a linked clone, a
+//!   source with any volume on non-shared storage going to another node ("can't clone VM to
+//!   node 'X' (VM uses local storage)"), and a taken VMID.
+//! * **Storage** as `/cluster/resources` reports it: one `storage` entry per node the storage
+//!   is enabled on, with `shared`, `content` and `plugintype`.
+//!
+//! Faults: [`Faults`] (task failures, latency, VMID theft, agent readiness) and [`Fault`]s
+//! queued with [`Fake::inject`]: answer an error instead of acting, or act and then answer an
+//! error (a response lost after PVE acted). New kinds of fault go into [`FaultAction`].
 #![allow(dead_code, reason = "each test uses a different subset of the fake's knobs")]
 
 use std::{
@@ -39,6 +58,60 @@ impl Recorded {
     pub fn param(&self, key: &str) -> Option<&str> {
         self.form.iter().chain(&self.query).find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
+}
+
+/// Which libpve-http-server-perl answers: where an error's message goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HttpServer {
+    /// 5.2.0 and later (PVE 8.4+, 9): the reason phrase and the JSON body's `message`.
+    #[default]
+    Modern,
+    /// Before 5.2.0 (most PVE 7 and 8 installations): the reason phrase only, body
+    /// `{"data":null}`.
+    Legacy,
+}
+
+/// A storage of `storage.cfg`.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    pub id: String,
+    /// `dir`, `lvmthin`, `rbd`, `nfs`, ...
+    pub plugin: String,
+    pub shared: bool,
+    /// `images,rootdir`, `iso,vztmpl,backup,snippets`, ...
+    pub content: String,
+    /// Nodes it is restricted to; `None`: every node.
+    pub nodes: Option<Vec<String>>,
+    pub disabled: bool,
+}
+
+impl Storage {
+    fn new(id: &str, plugin: &str, shared: bool, content: &str) -> Storage {
+        Storage { id: id.into(), plugin: plugin.into(), shared, content: content.into(), nodes: None, disabled: false }
+    }
+
+    fn enabled_on(&self, node: &str) -> bool {
+        !self.disabled && self.nodes.as_ref().is_none_or(|n| n.iter().any(|x| x == node))
+    }
+}
+
+/// What an injected fault does to the request it matches.
+#[derive(Clone, Debug)]
+pub enum FaultAction {
+    /// Answer this error without acting (PVE's `die` before any effect).
+    Fail { status: u16, message: String },
+    /// Act as usual, then answer this error instead: the response is lost after PVE acted.
+    LoseAnswer { status: u16, message: String },
+}
+
+/// A fault for the next `times` requests whose method is `method` and whose path (under
+/// `/api2/json/`) ends with `path_suffix`.
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub method: &'static str,
+    pub path_suffix: String,
+    pub times: u32,
+    pub action: FaultAction,
 }
 
 #[derive(Clone, Debug)]
@@ -99,11 +172,17 @@ pub struct Faults {
     pub starting_answers: u32,
     /// Exit code of join commands.
     pub join_exit: i64,
+    /// Injected faults, first match wins (see [`Fake::inject`]).
+    pub injected: Vec<Fault>,
+    /// `/cluster/resources` leaves storages out, as for a token without `Datastore.Audit`.
+    pub storages_hidden: bool,
 }
 
 #[derive(Debug, Default)]
 pub struct State {
     pub nodes: Vec<Node>,
+    pub storages: Vec<Storage>,
+    pub http_server: HttpServer,
     pub vms: BTreeMap<u32, Vm>,
     tasks: HashMap<String, Task>,
     execs: HashMap<u64, Exec>,
@@ -177,11 +256,15 @@ impl State {
         self.requests.iter().filter(|r| r.method == method && r.path.ends_with(path_suffix)).cloned().collect()
     }
 
+    /// A template VM with its boot disk and cloud-init drive on `ceph` (shared).
     pub fn add_template(&mut self, vmid: u32, node: &str, cores: u32, memory_mib: u64) {
         let mut config = BTreeMap::new();
         config.insert("cores".into(), cores.to_string());
         config.insert("memory".into(), memory_mib.to_string());
         config.insert("name".into(), "k8s-template".into());
+        config.insert("scsi0".into(), format!("ceph:base-{vmid}-disk-0,size=8G"));
+        config.insert("ide2".into(), format!("ceph:vm-{vmid}-cloudinit,media=cdrom"));
+        config.insert("net0".into(), "virtio=BC:24:11:00:00:01,bridge=vmbr0".into());
         self.vms.insert(
             vmid,
             Vm {
@@ -195,6 +278,22 @@ impl State {
         );
     }
 
+    /// Moves every volume of VM `vmid` to `storage` (e.g. a template on `local-lvm`).
+    pub fn move_volumes(&mut self, vmid: u32, storage: &str) {
+        let vm = self.vms.get_mut(&vmid).unwrap();
+        for (key, value) in vm.config.iter_mut() {
+            if is_volume_key(key)
+                && let Some((_, rest)) = value.split_once(':')
+            {
+                *value = format!("{storage}:{rest}");
+            }
+        }
+    }
+
+    pub fn storage_mut(&mut self, id: &str) -> &mut Storage {
+        self.storages.iter_mut().find(|s| s.id == id).unwrap()
+    }
+
     pub fn add_vm(&mut self, vmid: u32, node: &str, name: &str, status: &str, config: &[(&str, &str)]) {
         let mut map: BTreeMap<String, String> = config.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
         map.entry("cores".into()).or_insert_with(|| "2".into());
@@ -202,6 +301,24 @@ impl State {
         map.insert("name".into(), name.into());
         self.vms.insert(vmid, Vm { node: node.into(), name: name.into(), status: status.into(), ..Vm::default() });
         self.vms.get_mut(&vmid).unwrap().config = map;
+    }
+}
+
+/// Config keys holding a volume (`qemu-server`'s drive names).
+fn is_volume_key(key: &str) -> bool {
+    let bus = key.trim_end_matches(|c: char| c.is_ascii_digit());
+    bus.len() < key.len() && ["ide", "sata", "scsi", "virtio"].contains(&bus) || key == "efidisk0" || key == "tpmstate0"
+}
+
+/// The storage of a volume id (`local-lvm:vm-100-disk-0`); `None` for `none`, `cdrom`, and
+/// absolute paths (passed-through devices: never shared).
+fn volume_storage(value: &str) -> Option<Option<String>> {
+    let file = value.split(',').next().unwrap_or("");
+    let file = file.strip_prefix("file=").unwrap_or(file);
+    match file {
+        "" | "none" | "cdrom" => None,
+        f if f.starts_with('/') => Some(None),
+        f => Some(f.split_once(':').map(|(s, _)| s.to_owned())),
     }
 }
 
@@ -215,6 +332,26 @@ impl Drop for Fake {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+/// Sets the reason phrase of an error answer to the first line of its message, and (for
+/// [`HttpServer::Legacy`]) leaves the message out of the body, as libpve-http-server-perl does.
+fn finish_error(response: Response<Body>, server: HttpServer, body: &Value) -> Response<Body> {
+    let (mut parts, _) = response.into_parts();
+    let message = body.get("message").and_then(Value::as_str).unwrap_or("").to_owned();
+    let first = message.lines().next().unwrap_or("").trim().to_owned();
+    let mut body = body.clone();
+    if server == HttpServer::Legacy
+        && let Some(map) = body.as_object_mut()
+    {
+        map.remove("message");
+    }
+    if !first.is_empty()
+        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(first.into_bytes())
+    {
+        parts.extensions.insert(reason);
+    }
+    Response::from_parts(parts, Body::from(body.to_string()))
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Body> {
@@ -244,11 +381,18 @@ fn bad_params(errors: Vec<(String, String)>) -> Response<Body> {
 
 impl Fake {
     /// A fake cluster with nodes `pve1` (8 GiB free) and `pve2` (16 GiB free) and template 9000.
+    /// Storages: `local` (dir, no images), `local-lvm` (lvmthin) and `ceph` (rbd, shared); the
+    /// template's volumes are on `ceph`.
     pub async fn start() -> Fake {
         let mut state = State {
             nodes: vec![
                 Node { name: "pve1".into(), maxmem: 32 << 30, mem: 24 << 30, online: true },
                 Node { name: "pve2".into(), maxmem: 32 << 30, mem: 16 << 30, online: true },
+            ],
+            storages: vec![
+                Storage::new("local", "dir", false, "iso,vztmpl,backup,snippets"),
+                Storage::new("local-lvm", "lvmthin", false, "images,rootdir"),
+                Storage::new("ceph", "rbd", true, "images,rootdir"),
             ],
             ..State::default()
         };
@@ -260,7 +404,7 @@ impl Fake {
         let shared = Arc::clone(&state);
         let app = axum::Router::new().fallback(move |req: Request<Body>| {
             let state = Arc::clone(&shared);
-            async move { handle(state, req).await }
+            async move { serve(state, req).await }
         });
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -285,6 +429,16 @@ impl Fake {
     /// Forgets every ticket it issued (as if they expired).
     pub fn expire_tickets(&self) {
         self.state().tickets.clear();
+    }
+
+    /// Which libpve-http-server-perl answers from now on.
+    pub fn set_http_server(&self, server: HttpServer) {
+        self.state().http_server = server;
+    }
+
+    /// Queues a fault for the next `times` requests matching `method` and the path suffix.
+    pub fn inject(&self, method: &'static str, path_suffix: &str, times: u32, action: FaultAction) {
+        self.state().faults.injected.push(Fault { method, path_suffix: path_suffix.into(), times, action });
     }
 }
 
@@ -322,8 +476,50 @@ fn allowed(method: &str, route: &str) -> Option<&'static [&'static str]> {
     })
 }
 
+/// One request: injected faults, the handler, and PVE's way of writing errors.
+async fn serve(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().trim_start_matches("/api2/json/").to_owned();
+    let fault = {
+        let mut s = state.lock().unwrap();
+        let found = s
+            .faults
+            .injected
+            .iter_mut()
+            .find(|f| f.times > 0 && f.method == method && path.ends_with(f.path_suffix.as_str()));
+        found.map(|f| {
+            f.times -= 1;
+            f.action.clone()
+        })
+    };
+    let response = match fault {
+        Some(FaultAction::Fail { status, message }) => {
+            // Still checked and recorded like any request.
+            let checked = handle(Arc::clone(&state), req, true).await;
+            if checked.status() == StatusCode::UNAUTHORIZED {
+                checked
+            } else {
+                reply(StatusCode::from_u16(status).unwrap(), json!({"data": null, "message": format!("{message}\n")}))
+            }
+        }
+        Some(FaultAction::LoseAnswer { status, message }) => {
+            handle(Arc::clone(&state), req, false).await;
+            reply(StatusCode::from_u16(status).unwrap(), json!({"data": null, "message": format!("{message}\n")}))
+        }
+        None => handle(Arc::clone(&state), req, false).await,
+    };
+    if response.status().is_success() {
+        return response;
+    }
+    let server = state.lock().unwrap().http_server;
+    let (parts, body) = response.into_parts();
+    let bytes = to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let json: Value = serde_json::from_slice(&bytes).unwrap_or(json!({"data": null}));
+    finish_error(Response::from_parts(parts, Body::empty()), server, &json)
+}
+
 #[allow(clippy::result_large_err, reason = "the error of `vm_here` is the fake's own HTTP answer, returned at once")]
-async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> {
+async fn handle(state: Arc<Mutex<State>>, req: Request<Body>, check_only: bool) -> Response<Body> {
     let latency = state.lock().unwrap().faults.latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -417,6 +613,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
         s.problems.push(format!("{method} {path}: unknown parameters {unknown:?}"));
         return bad_params(unknown);
     }
+    if check_only {
+        return ok(Value::Null);
+    }
     let param = |k: &str| form.iter().chain(&query).find(|(key, _)| key == k).map(|(_, v)| v.clone());
 
     // A VM on a node must be on that node, as PVE reads `nodes/<node>/qemu-server/<vmid>.conf`.
@@ -463,8 +662,12 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
                     out.push(e);
                 }
             }
-            if kind.is_none() || kind.as_deref() == Some("storage") {
-                out.push(json!({"id": "storage/pve1/local-lvm", "type": "storage", "storage": "local-lvm", "node": "pve1", "status": "available"}));
+            if (kind.is_none() || kind.as_deref() == Some("storage")) && !s.faults.storages_hidden {
+                for n in &s.nodes {
+                    for st in s.storages.iter().filter(|st| st.enabled_on(&n.name)) {
+                        out.push(json!({"id": format!("storage/{}/{}", n.name, st.id), "type": "storage", "storage": st.id, "node": n.name, "plugintype": st.plugin, "shared": u8::from(st.shared), "content": st.content, "status": if n.online { "available" } else { "unknown" }}));
+                    }
+                }
             }
             ok(Value::Array(out))
         }
@@ -477,6 +680,37 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             ok(json!(id.to_string()))
         }
         ("POST", "clone") => {
+            // qemu-server's clone_vm, checks in its order.
+            let local = node.clone().unwrap();
+            let target = param("target").filter(|t| *t != local && t != "localhost");
+            if let Some(t) = &target
+                && !s.nodes.iter().any(|n| n.name == *t)
+            {
+                return fail(format!("no such cluster node '{t}'"));
+            }
+            let storage = param("storage");
+            if let Some(id) = &storage {
+                let Some(st) = s.storages.iter().find(|st| st.id == *id) else {
+                    return fail(format!("storage '{id}' does not exist"));
+                };
+                if st.disabled {
+                    return fail(format!("storage '{id}' is disabled"));
+                }
+                if !st.enabled_on(&local) {
+                    return fail(format!("storage '{id}' is not available on node '{local}'"));
+                }
+                if !st.content.split(',').any(|c| c == "images") {
+                    return bad_params(vec![("storage".into(), format!("storage '{id}' does not support vm images"))]);
+                }
+                if let Some(t) = &target {
+                    if !st.enabled_on(t) {
+                        return fail(format!("storage '{id}' is not available on node '{t}'"));
+                    }
+                    if !st.shared {
+                        return fail(format!("can't clone to non-shared storage '{id}'"));
+                    }
+                }
+            }
             let source = match vm_here(&s) {
                 Ok(id) => id,
                 Err(r) => return r,
@@ -484,27 +718,61 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             let Some(newid) = param("newid").and_then(|v| v.parse::<u32>().ok()) else {
                 return bad_params(vec![("newid".into(), "property is missing and it is not optional".into())]);
             };
+            let full = match param("full").as_deref() {
+                Some(f) => f == "1",
+                None => !s.vms[&source].template,
+            };
+            if storage.is_some() && !full {
+                return fail("parameter 'storage' not allowed for linked clones".into());
+            }
+            let volumes: Vec<(String, Option<String>)> = s.vms[&source]
+                .config
+                .iter()
+                .filter(|(k, _)| is_volume_key(k))
+                .filter_map(|(k, v)| volume_storage(v).map(|st| (k.clone(), st)))
+                .collect();
+            let shared_vm = volumes
+                .iter()
+                .all(|(_, st)| st.as_ref().is_some_and(|id| s.storages.iter().any(|x| x.id == *id && x.shared)));
+            if let Some(t) = &target
+                && !shared_vm
+            {
+                return fail(format!("can't clone VM to node '{t}' (VM uses local storage)"));
+            }
             if s.vms.contains_key(&newid) {
                 return fail(format!("unable to create VM {newid}: config file already exists"));
             }
-            let full = param("full").as_deref() == Some("1");
             if !full && !s.vms[&source].template {
-                return fail("Linked clone feature is not supported for drive 'scsi0'".into());
+                let (key, volid) = s.vms[&source]
+                    .config
+                    .iter()
+                    .find(|(k, _)| is_volume_key(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .unwrap_or_default();
+                return fail(format!("Linked clone feature is not supported for '{volid}' ({key})"));
             }
-            if param("storage").is_some() && !full {
-                return bad_params(vec![("storage".into(), "option is only allowed for full clones".into())]);
-            }
-            let target = param("target").unwrap_or_else(|| node.clone().unwrap());
-            if !s.nodes.iter().any(|n| n.name == target) {
-                return fail(format!("no such cluster node '{target}'"));
-            }
+            let target = target.unwrap_or(local.clone());
             let name = param("name").unwrap_or_else(|| format!("Copy-of-VM-{source}"));
             let mut config = s.vms[&source].config.clone();
             config.insert("name".into(), name.clone());
             if let Some(d) = param("description") {
                 config.insert("description".into(), d);
             }
-            let upid = s.task("qmclone", node.as_deref().unwrap(), source, newid);
+            // The clone's volumes: on the target storage for a full clone, else beside the base.
+            let mut disks = 0;
+            for (key, st) in &volumes {
+                let value = config[key].clone();
+                let options: String = value.split_once(',').map(|(_, o)| format!(",{o}")).unwrap_or_default();
+                let on = storage.clone().or(st.clone()).unwrap_or_else(|| "local".into());
+                let volume = if value.contains("cloudinit") {
+                    format!("vm-{newid}-cloudinit")
+                } else {
+                    disks += 1;
+                    format!("vm-{newid}-disk-{}", disks - 1)
+                };
+                config.insert(key.clone(), format!("{on}:{volume}{options}"));
+            }
+            let upid = s.task("qmclone", &local, source, newid);
             s.vms.insert(
                 newid,
                 Vm { node: target, name, status: "stopped".into(), config, lock: Some(upid.clone()), ..Vm::default() },

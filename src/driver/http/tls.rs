@@ -1,10 +1,18 @@
-//! How the driver trusts a Proxmox VE server's certificate.
+//! How a driver trusts a cloud API's certificate: one rustls configuration per [`Trust`].
 //!
-//! A fresh PVE node serves a certificate signed by its own cluster CA
-//! (`/etc/pve/pve-root-ca.pem`), so the public roots rarely apply. The driver trusts exactly one
-//! of: the public roots (a PVE with an ACME certificate), a CA file (the cluster CA), or one
-//! pinned SHA-256 fingerprint of the server's certificate (what the PVE GUI shows under
-//! Certificates). There is no "accept anything" mode.
+//! * [`Trust::PublicRoots`]: the public web PKI roots plus the host's own trust store (a private
+//!   CA installed on the host is honoured, as by the clouds' own CLIs).
+//! * [`Trust::CaPem`]: exactly the CAs of a PEM bundle, as `requests`' `verify=<file>` (the
+//!   OpenStack CLI's `--os-cacert`) and PVE's cluster CA (`/etc/pve/pve-root-ca.pem`) need.
+//! * [`Trust::Fingerprint`]: one pinned SHA-256 digest of the server's own certificate, what the
+//!   PVE GUI shows under Certificates (a fresh PVE node's certificate names the node, not the
+//!   address used).
+//! * [`Trust::Insecure`]: no check of the server's identity at all, only where a driver has an
+//!   explicit opt-in for it (OpenStack's `insecure = true`, the CLI's `--insecure`).
+//!
+//! Hand-written verifiers (pin, insecure) because reqwest offers neither a pin nor an
+//! "accept anything" switch that composes with a preconfigured rustls config; both still check
+//! the handshake signature against the presented certificate's key.
 
 use std::sync::Arc;
 
@@ -28,15 +36,18 @@ pub enum Error {
     Rustls(#[source] rustls::Error),
 }
 
-/// What the driver trusts.
+/// What a driver trusts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Trust {
-    /// The public web PKI roots.
+    /// The public web PKI roots and the host's trust store.
     PublicRoots,
     /// Certificates (PEM) of the CA that signed the server's certificate.
     CaPem(Vec<u8>),
     /// The SHA-256 digest of the server's own (leaf) certificate.
     Fingerprint([u8; 32]),
+    /// Any certificate (the handshake signature is still checked). Only behind an explicit
+    /// opt-in of the user.
+    Insecure,
 }
 
 /// Parses a SHA-256 fingerprint written as 64 hex digits, with or without `:` separators.
@@ -63,7 +74,10 @@ pub fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, Error> {
         .map_err(Error::Rustls)?;
     let config = match trust {
         Trust::PublicRoots => {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            // The host's store may be missing or partly unreadable: the public roots still apply.
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
             builder.with_root_certificates(roots).with_no_client_auth()
         }
         Trust::CaPem(pem) => {
@@ -82,6 +96,12 @@ pub fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, Error> {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
                 pin: *pin,
+                algorithms: provider().signature_verification_algorithms,
+            }))
+            .with_no_client_auth(),
+        Trust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate {
                 algorithms: provider().signature_verification_algorithms,
             }))
             .with_no_client_auth(),
@@ -114,6 +134,48 @@ impl ServerCertVerifier for PinnedVerifier {
         } else {
             Err(rustls::Error::General("server certificate does not match the pinned fingerprint".into()))
         }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Accepts any certificate, for `Trust::Insecure`; the handshake signature is still verified
+/// against the presented certificate, so the connection is at least to its key's holder.
+#[derive(Debug)]
+struct AnyCertificate {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -242,6 +304,8 @@ mod tests {
         assert!(get_version(Trust::PublicRoots, addr).await.is_err());
         let other_ca = cert();
         assert!(get_version(Trust::CaPem(other_ca.cert.pem().into_bytes()), addr).await.is_err());
+        // The explicit opt-out accepts it.
+        assert_eq!(get_version(Trust::Insecure, addr).await, Ok(200));
     }
 
     #[tokio::test]
