@@ -7,11 +7,7 @@
 
 mod support;
 
-use std::{
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use flotilla::{
     driver::{
@@ -25,12 +21,10 @@ use flotilla::{
 };
 use support::{
     Client, delete,
-    faults::{CloudView, cloud_reaches, settle},
+    faults::{CALL_FAULTS, Cloud, CloudView, SETTLE, Serve, cloud_reaches, settle},
     increase, nodes, target_size,
 };
 use tonic::Code;
-
-const SETTLE: Duration = Duration::from_secs(30);
 
 /// Timeouts short enough that a hang ends within a second; the background reconcile lists
 /// several times a second, racing every create and delete. Unless `cloud_extra` sets them, a
@@ -91,47 +85,29 @@ async fn start(cloud_extra: &str) -> (flotilla::Running, Client, Arc<Simulated>)
     (server, client, sim)
 }
 
-/// Scales group g up by 4, settles, deletes two machines, settles, with `fault` injected into
-/// the first two calls of `op` in each phase (and every listing stale when `stale` is set).
-/// The cloud and Flotilla must agree after each phase, and the counts must add up: every
-/// machine asked for is running or was reported failed and deleted by CA.
+/// The simulated cloud as the suite's referee sees it.
+struct Sim(Arc<Simulated>);
+
+impl Cloud for Sim {
+    fn view(&self) -> CloudView {
+        view(&self.0)
+    }
+
+    fn arm(&self, op: Op, fault: Fault, _target: Option<&str>) -> bool {
+        self.0.faults().push(op, fault);
+        true
+    }
+}
+
+/// `support::faults::scenario` on group g of a fresh server, every listing stale when `stale`.
 async fn scenario(op: Op, fault: Fault, stale: bool) {
-    let case = format!("{fault:?} on {op:?}{}", if stale { ", every listing stale" } else { "" });
-    let (server, mut c, sim) = start(if stale { "list_latency = \"120ms\"" } else { "" }).await;
-    let cloud = || view(&sim);
-    // Let the first listing land before faults start.
-    support::target_size(&mut c, "g").await;
+    let (server, c, sim) = start(if stale { "list_latency = \"120ms\"" } else { "" }).await;
     if stale {
         sim.faults().always(Op::List, Some(Fault::Stale));
     }
-    let inject = || {
-        for _ in 0..2 {
-            sim.faults().push(op, fault);
-        }
-    };
-
-    inject();
-    increase(&mut c, "g", 4).await.unwrap_or_else(|s| panic!("{case}: {s:?}"));
-    let up = settle(&c, &["g", "h"], cloud, SETTLE).await;
-    assert_eq!(up.count("g") + up.failed_deleted.len(), 4, "{case}: machines forgotten or duplicated: {up:?}");
-
-    inject();
-    let victims: Vec<String> = up.groups["g"].iter().take(2).cloned().collect();
-    let ids: Vec<&str> = victims.iter().map(String::as_str).collect();
-    delete(&mut c, "g", &ids).await.unwrap_or_else(|s| panic!("{case}: {s:?}"));
-    // Repeated at once, as CA does when its cache is stale: a no-op.
-    delete(&mut c, "g", &ids).await.unwrap_or_else(|s| panic!("{case}: repeated delete: {s:?}"));
-    let down = settle(&c, &["g", "h"], cloud, SETTLE).await;
-    assert_eq!(down.count("g") + down.failed_deleted.len(), up.count("g") - victims.len(), "{case}: {down:?}");
-    for v in &victims {
-        assert!(!down.groups["g"].contains(v), "{case}: {v} came back");
-    }
-    delete(&mut c, "g", &ids).await.unwrap_or_else(|s| panic!("{case}: delete after the end: {s:?}"));
-    sim.faults().always(Op::List, None);
+    assert!(support::faults::scenario(&c, &Sim(sim), &["g", "h"], "g", op, fault).await);
     server.shutdown_token().cancel();
 }
-
-const CALL_FAULTS: [Fault; 5] = [Fault::Unavailable, Fault::Hang, Fault::LostResponse, Fault::HangAfter, Fault::Ok];
 
 #[tokio::test]
 async fn creates_that_fail_hang_or_lose_their_answer_leak_nothing() {
@@ -281,68 +257,10 @@ async fn repeated_and_conflicting_deletes_delete_each_machine_once_and_only_what
 
 // === kill -9 of a real server ===
 
-const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
-
-/// A `flotilla serve` process over a simulated cloud kept in a state file.
-struct Serve {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Serve {
-    /// Starts the binary with `cloud_extra` in the cloud table and waits until it answers.
-    async fn start(dir: &std::path::Path, cloud_extra: &str) -> (Serve, Client) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let state = dir.join("cloud.json");
-        let text = config_text(&format!("state_file = {:?}\n{cloud_extra}", state.display().to_string()));
-        let config = dir.join("flotilla.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "{text}\n[server]\ngrpc_listen = \"{addr}\"\nhttp_listen = \"off\"\n[log]\nlevel = \"flotilla=debug,info\"\n"
-            ),
-        )
-        .unwrap();
-        let log = dir.join(format!("serve-{port}.log"));
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut serve = Serve { child, log };
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(client) = support::CloudProviderClient::connect(format!("http://{addr}")).await {
-                return (serve, client);
-            }
-            if let Some(status) = serve.child.try_wait().unwrap() {
-                panic!("flotilla serve exited with {status}:\n{}", serve.log());
-            }
-            assert!(std::time::Instant::now() < deadline, "flotilla serve does not answer:\n{}", serve.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL: no shutdown, no grace, nothing written on the way out.
-    fn kill_9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Configuration for `flotilla serve` over a simulated cloud kept in `dir/cloud.json`.
+fn serve_config(dir: &std::path::Path, cloud_extra: &str) -> String {
+    let state = dir.join("cloud.json");
+    config_text(&format!("state_file = {:?}\n{cloud_extra}", state.display().to_string()))
 }
 
 /// The cloud as the state file holds it, read as a fresh process would.
@@ -360,7 +278,7 @@ async fn kill_9_during_creates_then_restart_leaks_duplicates_and_forgets_nothing
     let dir = tempfile::tempdir().unwrap();
     let cloud = || file_view(dir.path());
     let slow = "create_latency = \"3s\"\ncreate_timeout = \"1m\"\ncreate_concurrency = 2";
-    let (serve, mut c) = Serve::start(dir.path(), slow).await;
+    let (serve, mut c) = Serve::start(dir.path(), &serve_config(dir.path(), slow)).await;
     increase(&mut c, "g", 4).await.unwrap();
     // Two creates accepted by the cloud and still running; two queued inside Flotilla.
     cloud_reaches("two creates accepted", Duration::from_secs(10), cloud, |v| v.len() == 2).await;
@@ -368,7 +286,7 @@ async fn kill_9_during_creates_then_restart_leaks_duplicates_and_forgets_nothing
     serve.kill_9();
     assert!(cloud().values().all(|(_, s)| s == "creating"), "killed mid-create: {:?}\n{log}", cloud());
 
-    let (serve, mut c) = Serve::start(dir.path(), slow).await;
+    let (serve, mut c) = Serve::start(dir.path(), &serve_config(dir.path(), slow)).await;
     // What the cloud accepted is found and completes; what never reached it is not invented.
     assert_eq!(target_size(&mut c, "g").await, 2);
     let settled = settle(&c, &["g", "h"], cloud, SETTLE).await;
@@ -383,7 +301,7 @@ async fn kill_9_during_deletes_then_restart_finishes_every_accepted_delete() {
     let dir = tempfile::tempdir().unwrap();
     let cloud = || file_view(dir.path());
     let slow = "delete_latency = \"3s\"\ndelete_timeout = \"1m\"";
-    let (serve, mut c) = Serve::start(dir.path(), slow).await;
+    let (serve, mut c) = Serve::start(dir.path(), &serve_config(dir.path(), slow)).await;
     increase(&mut c, "g", 3).await.unwrap();
     let up = settle(&c, &["g", "h"], cloud, SETTLE).await;
     let victims: Vec<&str> = up.groups["g"][..2].iter().map(String::as_str).collect();
@@ -394,7 +312,7 @@ async fn kill_9_during_deletes_then_restart_finishes_every_accepted_delete() {
     serve.kill_9();
     assert_eq!(cloud().len(), 3, "killed before any delete finished");
 
-    let (serve, mut c) = Serve::start(dir.path(), slow).await;
+    let (serve, mut c) = Serve::start(dir.path(), &serve_config(dir.path(), slow)).await;
     assert_eq!(target_size(&mut c, "g").await, 1, "the accepted deletes are not forgotten");
     let all = nodes(&mut c, "g").await;
     assert_eq!(all.iter().filter(|(_, s, _)| *s == InstanceState::InstanceRunning).count(), 1, "{all:?}");
