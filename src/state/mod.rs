@@ -944,6 +944,9 @@ impl Fleet {
                 if tombstone.is_some_and(|at| at > started) {
                     continue; // deleted after this listing started
                 }
+                if tombstone.is_some() && m.state == MachineState::Deleting && !old.contains_key(&m.name) {
+                    continue; // its delete returned; the cloud is finishing it
+                }
                 let mut entry = match old.remove(&m.name) {
                     Some(mut e) => {
                         // A create that answered after this listing started knows better.

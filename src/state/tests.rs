@@ -683,3 +683,30 @@ async fn the_first_sizing_call_after_a_start_waits_for_a_listing_and_gives_up_af
     assert!(f.is_listed(0));
     assert_eq!(f.target_size(0), 1, "sized from the listing");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cloud_finishing_a_delete_that_returned_is_neither_shown_nor_asked_again() {
+    let (f, d) = scripted(0);
+    d.put("m", MachineState::Running);
+    list_now(&f, &d);
+    f.delete_nodes(0, &[&pid("m")]).await.unwrap();
+    settle().await;
+    // The cloud accepted the delete and takes its time (Nova's task_state deleting).
+    let (_, reply) = d.next_delete().await;
+    reply.send(Ok(())).unwrap();
+    settle().await;
+    for _ in 0..3 {
+        step().await;
+        list_now(&f, &d);
+        settle().await;
+        assert!(instances(&f).is_empty(), "{:?}", instances(&f));
+        assert!(d.try_next().is_none(), "no second delete while the cloud finishes the first");
+    }
+    // Were it to come back to life, it is deleted again.
+    d.put("m", MachineState::Running);
+    step().await;
+    list_now(&f, &d);
+    settle().await;
+    assert_eq!(phases(&f), ["deleting"]);
+    assert_eq!(d.answer_deletes(), 1);
+}

@@ -143,6 +143,9 @@ pub async fn scenario(c: &Client, cloud: &dyn Cloud, groups: &[&str], group: &st
     super::increase(&mut c, group, 4).await.unwrap_or_else(|s| panic!("{case}: {s:?}"));
     let up = settle(&c, groups, view, SETTLE).await;
     assert_eq!(up.count(group) + up.failed_deleted.len(), 4, "{case}: machines forgotten or duplicated: {up:?}");
+    if op == Op::Create && fault != Fault::Ok {
+        assert!(!up.failed_deleted.is_empty(), "{case}: the fault never reached cluster-autoscaler as a failed create");
+    }
 
     let victims: Vec<String> = up.groups[group].iter().take(2).cloned().collect();
     match op {
