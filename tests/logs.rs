@@ -146,3 +146,111 @@ async fn a_caller_cannot_forge_a_log_line() {
     assert!(text.contains("rpc failed"), "the failures were logged:\n{text}");
     assert!(text.lines().all(|l| !l.contains("FORGED") || l.contains("rpc failed")), "{text}");
 }
+
+// === the other drivers' HTTP clients ===
+
+#[path = "fakes/openstack/mod.rs"]
+mod openstack_fake;
+#[path = "fakes/proxmox/mod.rs"]
+mod proxmox_fake;
+
+/// Runs `work` with the real log layer at TRACE and returns what was logged.
+async fn logged_at_trace<F: std::future::Future<Output = ()>>(work: F) -> String {
+    bridge_log_records();
+    let logs = Captured::default();
+    let layer = flotilla::logging::layer(LogFormat::Text, EnvFilter::new("trace"), logs.clone());
+    let _current = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    work.await;
+    let text = logs.text();
+    assert!(text.lines().count() > 5 && text.contains("TRACE"), "the capture works at trace:\n{text}");
+    text
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn openstack_passwords_and_tokens_never_reach_a_log_even_at_trace() {
+    let fake = openstack_fake::Fake::start().await;
+    let config = support::config(&format!(
+        r##"cluster_name = "c1"
+[clouds.os]
+driver = "openstack"
+region_name = "RegionOne"
+[clouds.os.auth]
+auth_url = "{}"
+username = "{}"
+password = "{}"
+user_domain_name = "{}"
+project_name = "{}"
+[groups.w]
+cloud = "os"
+max_size = 2
+[groups.w.machine]
+flavor = "io.70GB"
+image = "fedora-coreos-36.20220522.3.0-openstack.x86_64.qcow2"
+networks = ["k3s-net"]
+join_token = "K10-openstack-join-token-9b1e"
+user_data = "#cloud-config\nwrite_files: [{{ path: /etc/k3s-token, content: '{{{{ join_token }}}}' }}]\n"
+"##,
+        fake.auth_url(),
+        openstack_fake::USERNAME,
+        openstack_fake::PASSWORD,
+        openstack_fake::USER_DOMAIN,
+        openstack_fake::PROJECT
+    ));
+    let driver = flotilla::build_drivers(&config).unwrap_or_else(|p| panic!("{p}")).remove(0);
+    let text = logged_at_trace(async {
+        let m = driver.create("w", "c1-w-abcde").await.unwrap();
+        driver.list().await.unwrap();
+        driver.mark_deleting(&(&m).into()).await.ok();
+        driver.delete(&(&m).into()).await.unwrap();
+    })
+    .await;
+    let tokens: Vec<String> = fake.requests().into_iter().filter_map(|r| r.token).collect();
+    assert!(!tokens.is_empty());
+    for secret in
+        [openstack_fake::PASSWORD, "K10-openstack-join-token-9b1e"].into_iter().chain(tokens.iter().map(String::as_str))
+    {
+        assert!(!text.contains(secret), "{secret:?} was logged:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn proxmox_token_secrets_passwords_and_tickets_never_reach_a_log_even_at_trace() {
+    let fake = proxmox_fake::Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), proxmox_fake::TOKEN_SECRET).unwrap();
+    std::fs::write(dir.path().join("password"), proxmox_fake::PASSWORD).unwrap();
+    let text = |auth: String| {
+        format!(
+            "cluster_name = \"prod\"\n[clouds.pve]\ndriver = \"proxmox\"\nurl = \"{}\"\npoll_interval = \"10ms\"\n{auth}\n\
+             [groups.w]\ncloud = \"pve\"\nmax_size = 2\n[groups.w.machine]\ntemplate = 9000\n",
+            fake.url()
+        )
+    };
+    let token_auth = format!(
+        "token_id = \"{}\"\ntoken_secret = {{ file = \"{}\" }}",
+        proxmox_fake::TOKEN_ID,
+        dir.path().join("token").display()
+    );
+    let password_auth = format!(
+        "username = \"{}\"\npassword = {{ file = \"{}\" }}",
+        proxmox_fake::USER,
+        dir.path().join("password").display()
+    );
+    for (i, auth) in [token_auth, password_auth].into_iter().enumerate() {
+        let config = support::config(&text(auth));
+        let driver = flotilla::build_drivers(&config).unwrap_or_else(|p| panic!("{p}")).remove(0);
+        let logs = logged_at_trace(async {
+            let m = driver.create("w", &format!("prod-w-abcd{i}")).await.unwrap();
+            driver.list().await.unwrap();
+            driver.mark_deleting(&(&m).into()).await.unwrap();
+            driver.delete(&(&m).into()).await.unwrap();
+        })
+        .await;
+        let tickets = fake.state().tickets.clone();
+        for secret in
+            [proxmox_fake::TOKEN_SECRET, proxmox_fake::PASSWORD].into_iter().chain(tickets.iter().map(String::as_str))
+        {
+            assert!(!logs.contains(secret), "{secret:?} was logged:\n{logs}");
+        }
+    }
+}
