@@ -14,6 +14,7 @@
 //!   set-up, which keeps secrets out of every level.
 //! * [`provider_id`], [`quantity`]: small formats; [`untrusted`]: caller text made safe to echo.
 //! * [`ctl`]: the `flotilla ctl` client, for calling any RPC by hand.
+//! * [`import`]: `flotilla import`, from the configurations of the systems users migrate from.
 //!
 //! [`start`] runs everything on listeners it binds; `main` only parses flags and waits for a
 //! signal.
@@ -28,6 +29,7 @@ use tracing::{info, warn};
 pub mod config;
 pub mod ctl;
 pub mod driver;
+pub mod import;
 pub mod logging;
 pub mod proto;
 pub mod provider_id;
@@ -154,7 +156,7 @@ pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running
         .zip(drivers)
         .map(|(c, d)| driver::metered::Metered::wrap(d, &c.name, Arc::clone(&metrics)))
         .collect();
-    let fleet = Fleet::new(&config, drivers);
+    let fleet = Fleet::with_metrics(&config, drivers, Arc::clone(&metrics));
 
     let bind =
         |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source }) };

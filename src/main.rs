@@ -28,6 +28,9 @@ enum Command {
         #[arg(long)]
         probe: bool,
     },
+    /// Turn a Kamatera, Slicer, OpenStack, Proxmox or Docker autoscaler's configuration into a
+    /// Flotilla configuration and the cluster-autoscaler flags to use.
+    Import(flotilla::import::Args),
     /// Call one RPC of a running server by hand.
     Ctl {
         #[command(flatten)]
@@ -104,6 +107,10 @@ async fn main() -> ExitCode {
                 eprint!("{problems}");
                 ExitCode::FAILURE
             }
+        },
+        Command::Import(args) => match flotilla::import::run(args) {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::FAILURE,
         },
         Command::Ctl { target, command } => match flotilla::ctl::run(&target, command).await {
             Ok(out) => {

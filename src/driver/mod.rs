@@ -29,6 +29,7 @@ use crate::config::{CLOUD_KEYS, CloudConfig, Config, GroupConfig, Problems, Sect
 
 pub mod docker;
 pub mod http;
+pub mod kamatera;
 pub mod metered;
 pub mod openstack;
 pub mod proxmox;
@@ -275,6 +276,8 @@ pub const KINDS: &[Kind] = &[
     // What the OpenStack cloud controller manager sets.
     Kind { name: "openstack", default_provider_id: "openstack:///{id}", build: openstack::build },
     Kind { name: "proxmox", default_provider_id: "proxmox://{region}/{id}", build: proxmox::build },
+    // What the in-tree Kamatera provider reports (and patches onto Nodes), so existing Nodes match.
+    Kind { name: "kamatera", default_provider_id: "kamatera://{name}", build: kamatera::build },
     // What the agent registers (its kubelet gets it): the node is named after the VM's hostname.
     Kind { name: "slicer", default_provider_id: "k3s://{id}", build: slicer::build },
 ];

@@ -50,6 +50,7 @@ use crate::{
     config::{CloudConfig, Config, GroupConfig, StateConfig},
     driver::{self, CreateFailure, Machine, MachineRef, MachineState, SharedDriver},
     provider_id::{Parts, ProviderIdFormat},
+    telemetry::metrics::Metrics,
     template::Template,
     untrusted,
 };
@@ -318,11 +319,18 @@ pub struct Fleet {
     tasks: TaskTracker,
     /// When this process built the fleet: a listing started before it does not exist.
     started: Instant,
+    /// Creates and deletes, and their failures, are counted here.
+    metrics: Arc<Metrics>,
 }
 
 impl Fleet {
     /// Builds the fleet from checked configuration and one driver per cloud (same order).
     pub fn new(config: &Config, drivers: Vec<SharedDriver>) -> Arc<Fleet> {
+        Fleet::with_metrics(config, drivers, Arc::new(Metrics::new()))
+    }
+
+    /// [`Fleet::new`], counting creates and deletes in `metrics`.
+    pub fn with_metrics(config: &Config, drivers: Vec<SharedDriver>, metrics: Arc<Metrics>) -> Arc<Fleet> {
         assert_eq!(config.clouds.len(), drivers.len(), "one driver per cloud");
         let mut clouds: Vec<Cloud> = config
             .clouds
@@ -361,6 +369,7 @@ impl Fleet {
             inner: RwLock::new(inner),
             tasks: TaskTracker::new(),
             started: Instant::now(),
+            metrics,
         })
     }
 
@@ -548,6 +557,7 @@ impl Fleet {
             entry.create = Create::InFlight;
         }
         debug!(group = %group.config.name, %name, "creating machine");
+        self.metrics.observe_create(&group.config.name);
         let result =
             match tokio::time::timeout(cloud.config.create_timeout, cloud.driver.create(&group.config.name, &name))
                 .await
@@ -574,6 +584,9 @@ impl Fleet {
                 entry.cloud = Some(machine.state.clone());
                 entry.create = Create::Done;
                 entry.confirmed_at = now;
+                if let MachineState::Failed(f) = &machine.state {
+                    self.metrics.observe_create_failure(&group.config.name, f.class);
+                }
                 let delete = entry.delete == Delete::Wanted;
                 if delete {
                     entry.delete = Delete::InFlight;
@@ -587,6 +600,7 @@ impl Fleet {
             }
             Err(e) => {
                 warn!(group = %group.config.name, %name, error = %e, "create failed");
+                self.metrics.observe_create_failure(&group.config.name, e.to_create_failure().class);
                 let Some(entry) = inner.groups[g].entries.get_mut(&name) else { return };
                 entry.create = Create::Failed { failure: e.to_create_failure(), at: now };
                 entry.confirmed_at = now;
@@ -745,10 +759,16 @@ impl Fleet {
             Some(r) => r,
             None => {
                 let Ok(_permit) = Arc::clone(&cloud.deletes).acquire_owned().await else { return };
-                match tokio::time::timeout(timeout, cloud.driver.delete(&machine)).await {
+                let result = match tokio::time::timeout(timeout, cloud.driver.delete(&machine)).await {
                     Ok(r) => r,
                     Err(_) => Err(driver::Error::Timeout(format!("delete did not finish within {timeout:?}"))),
-                }
+                };
+                let failure = match &result {
+                    Ok(()) | Err(driver::Error::NotFound(_)) => None,
+                    Err(e) => Some(e.kind()),
+                };
+                self.metrics.observe_delete(&machine.group, failure);
+                result
             }
         };
         let mut inner = self.write();
@@ -949,6 +969,12 @@ impl Fleet {
                 }
                 let mut entry = match old.remove(&m.name) {
                     Some(mut e) => {
+                        if let MachineState::Failed(f) = &m.state
+                            && !matches!(e.phase(), InstancePhase::Failed(_))
+                        {
+                            // The cloud gave up on a machine after its create call had returned.
+                            self.metrics.observe_create_failure(&m.group, f.class);
+                        }
                         // A create that answered after this listing started knows better.
                         if e.cloud.is_none() || started >= e.confirmed_at {
                             e.cloud = Some(m.state.clone());

@@ -1,12 +1,16 @@
-//! Prometheus metrics. The registry is built once; the service, the driver decorator and the
-//! `/metrics` handler hold the same [`Metrics`].
+//! Prometheus metrics. The registry is built once; the service, the state layer, the driver
+//! decorator and the `/metrics` handler hold the same [`Metrics`].
+//!
+//! Names follow the Prometheus conventions: a `flotilla_` prefix, base units in the name
+//! (`_seconds`, with OpenMetrics `# UNIT` lines), `_total` on counters, `_info` on the build
+//! info. Beside them the standard `process_*` metrics (see [`super::process`]).
 
 use std::sync::Mutex;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    registry::{Registry, Unit},
 };
 
 use crate::state::Fleet;
@@ -33,6 +37,31 @@ pub struct DriverErrorLabels {
     pub driver: &'static str,
     pub operation: &'static str,
     pub kind: &'static str,
+}
+
+/// Labels of creates and deletes of one node group.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    group: String,
+}
+
+/// Labels of one failed create: cluster-autoscaler's error class (`out_of_resources`, `other`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CreateFailureLabels {
+    group: String,
+    class: &'static str,
+}
+
+/// Labels of one failed delete: the driver's error kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeleteFailureLabels {
+    group: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,6 +93,10 @@ pub struct Metrics {
     driver_errors: Family<DriverErrorLabels, Counter>,
     instances: Family<InstanceLabels, Gauge>,
     ready: Gauge,
+    creates: Family<GroupLabels, Counter>,
+    create_failures: Family<CreateFailureLabels, Counter>,
+    deletes: Family<GroupLabels, Counter>,
+    delete_failures: Family<DeleteFailureLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -74,7 +107,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("flotilla");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(super::process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("flotilla");
         let rpc_requests = Family::<RpcLabels, Counter>::default();
         let rpc_duration = HistogramFamily::<RpcLabels>::new_with_constructor(rpc_histogram as fn() -> Histogram);
         let driver_duration =
@@ -83,15 +118,21 @@ impl Metrics {
         let driver_errors = Family::<DriverErrorLabels, Counter>::default();
         let instances = Family::<InstanceLabels, Gauge>::default();
         let ready = Gauge::default();
+        let creates = Family::<GroupLabels, Counter>::default();
+        let create_failures = Family::<CreateFailureLabels, Counter>::default();
+        let deletes = Family::<GroupLabels, Counter>::default();
+        let delete_failures = Family::<DeleteFailureLabels, Counter>::default();
         registry.register("grpc_requests", "gRPC requests served, by method and status code", rpc_requests.clone());
-        registry.register(
-            "grpc_request_duration_seconds",
+        registry.register_with_unit(
+            "grpc_request_duration",
             "Server-side gRPC latency, by method and status code",
+            Unit::Seconds,
             rpc_duration.clone(),
         );
-        registry.register(
-            "driver_call_duration_seconds",
+        registry.register_with_unit(
+            "driver_call_duration",
             "Latency of cloud driver calls, by cloud and operation",
+            Unit::Seconds,
             driver_duration.clone(),
         );
         registry.register("driver_calls", "Cloud driver calls, by cloud and operation", driver_calls.clone());
@@ -106,8 +147,25 @@ impl Metrics {
             "1 when every cloud has been listed and its newest listing succeeded",
             ready.clone(),
         );
+        registry.register("creates", "Machine creates started, by node group", creates.clone());
+        registry.register(
+            "create_failures",
+            "Failed machine creates (the call failed, timed out, or the cloud reported the machine failed), by node group and cluster-autoscaler error class",
+            create_failures.clone(),
+        );
+        registry.register("deletes", "Machine deletes started, by node group", deletes.clone());
+        registry.register(
+            "delete_failures",
+            "Failed machine deletes (retried at the next reconcile), by node group and error kind",
+            delete_failures.clone(),
+        );
+        registry.register(
+            "build",
+            "Flotilla's version; the value is always 1",
+            Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION") }),
+        );
         Metrics {
-            registry: Mutex::new(registry),
+            registry: Mutex::new(root),
             rpc_requests,
             rpc_duration,
             driver_duration,
@@ -115,6 +173,32 @@ impl Metrics {
             driver_errors,
             instances,
             ready,
+            creates,
+            create_failures,
+            deletes,
+            delete_failures,
+        }
+    }
+
+    /// Records a create handed to the driver.
+    pub fn observe_create(&self, group: &str) {
+        self.creates.get_or_create(&GroupLabels { group: group.to_owned() }).inc();
+    }
+
+    /// Records a failed create (a failed or timed-out call, or a machine the cloud reports failed).
+    pub fn observe_create_failure(&self, group: &str, class: crate::driver::ErrorClass) {
+        let class = match class {
+            crate::driver::ErrorClass::OutOfResources => "out_of_resources",
+            crate::driver::ErrorClass::Other => "other",
+        };
+        self.create_failures.get_or_create(&CreateFailureLabels { group: group.to_owned(), class }).inc();
+    }
+
+    /// Records a delete handed to the driver and, if it failed, its error kind.
+    pub fn observe_delete(&self, group: &str, error: Option<&'static str>) {
+        self.deletes.get_or_create(&GroupLabels { group: group.to_owned() }).inc();
+        if let Some(kind) = error {
+            self.delete_failures.get_or_create(&DeleteFailureLabels { group: group.to_owned(), kind }).inc();
         }
     }
 

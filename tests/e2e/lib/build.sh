@@ -19,6 +19,8 @@ KUBE_VERSION=v1.36.3
 KWOK_VERSION=v0.8.0
 KUBE_BIN=$E2E_CACHE/bin/kube-$KUBE_VERSION
 KWOK_BIN=$E2E_CACHE/bin/kwok-$KWOK_VERSION
+HELM_VERSION=v3.22.0
+HELM_BIN=$E2E_CACHE/bin/helm-$HELM_VERSION
 
 # ca_bin VERSION -> directory holding that CA build.
 ca_bin() { echo "$E2E_CACHE/bin/cluster-autoscaler-$1"; }
@@ -53,6 +55,21 @@ build_kwok() {
 	mkdir -p "$KWOK_BIN.tmp"
 	(cd "$work" && go build -o "$KWOK_BIN.tmp/kwok" sigs.k8s.io/kwok/cmd/kwok) || return 1
 	rm -rf "$KWOK_BIN" && mv "$KWOK_BIN.tmp" "$KWOK_BIN"
+}
+
+# helm, for the chart checks (tests/chart/run) and the chart scenario. The version variables
+# and the Kubernetes version `helm template` assumes are set as helm's own Makefile sets them.
+build_helm() {
+	[[ -x $HELM_BIN/helm ]] && return 0
+	local work pkg=helm.sh/helm/v3
+	work=$(copy_module helm) || return 1
+	mkdir -p "$HELM_BIN.tmp"
+	(cd "$work" && go build -trimpath -o "$HELM_BIN.tmp/helm" -ldflags "-s -w \
+		-X $pkg/internal/version.version=$HELM_VERSION -X $pkg/internal/version.gitTreeState=clean \
+		-X $pkg/pkg/lint/rules.k8sVersionMajor=1 -X $pkg/pkg/lint/rules.k8sVersionMinor=36 \
+		-X $pkg/pkg/chartutil.k8sVersionMajor=1 -X $pkg/pkg/chartutil.k8sVersionMinor=36" \
+		$pkg/cmd/helm) || return 1
+	rm -rf "$HELM_BIN" && mv "$HELM_BIN.tmp" "$HELM_BIN"
 }
 
 # ca_source_reachable VERSION -> whether the Go module proxy serves the CA version the harness

@@ -368,3 +368,191 @@ restart_during_scale_up() {
 	[[ $nodes -eq 5 ]] || fail "$nodes Nodes, expected 5" || return 1
 	[[ $(ctl target-size r) == 5 ]] || fail "target size $(ctl target-size r), expected 5" || return 1
 }
+
+# --- The Helm chart (charts/flotilla) ---
+
+CHART_NS=flotilla-chart
+
+# stub_crds -> CRDs for the kinds the chart may render besides the built-in ones (cert-manager's
+# Certificate and Issuer, the Prometheus operator's ServiceMonitor), without their schemas: the
+# server accepts the kinds, their fields are not validated.
+stub_crds() {
+	local spec group kind plural
+	for spec in cert-manager.io/Certificate/certificates cert-manager.io/Issuer/issuers \
+		monitoring.coreos.com/ServiceMonitor/servicemonitors; do
+		IFS=/ read -r group kind plural <<<"$spec"
+		cat <<CRD | kc apply -f - >/dev/null || return 1
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: { name: $plural.$group }
+spec:
+  group: $group
+  scope: Namespaced
+  names: { kind: $kind, plural: $plural, singular: $(tr '[:upper:]' '[:lower:]' <<<"$kind") }
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: { openAPIV3Schema: { type: object, x-kubernetes-preserve-unknown-fields: true } }
+CRD
+	done
+	kc wait --for condition=established --timeout=60s crd/certificates.cert-manager.io crd/issuers.cert-manager.io \
+		crd/servicemonitors.monitoring.coreos.com >/dev/null
+}
+
+# 7. Every example values file rendered by helm and applied to kube-apiserver with
+# --dry-run=server, and the variants tests/chart/run rendered (standalone with Secrets, without
+# CA, the RBAC features, raw TOML, the upstream chart with the sidecar snippet) when it ran first.
+chart_dry_run() {
+	[[ -x $HELM_BIN/helm ]] || fail "helm was not built (see logs/build-helm.log)" || return 1
+	local t0=$SECONDS failed=() f name
+	kc create namespace autoscaler >/dev/null 2>&1
+	stub_crds || fail "cannot create the stub CRDs" || return 1
+	for f in "$ROOT"/examples/helm/*.yaml; do
+		name=$(basename "$f" .yaml)
+		case $name in
+		upstream-chart-sidecar) continue ;;
+		standalone) "$HELM_BIN/helm" template autoscaler "$ROOT/charts/flotilla" -n autoscaler \
+			-f "$ROOT/examples/helm/openstack.yaml" -f "$f" >"$SDIR/$name.yaml" 2>>"$SDIR/helm.log" ;;
+		*) "$HELM_BIN/helm" template autoscaler "$ROOT/charts/flotilla" -n autoscaler -f "$f" >"$SDIR/$name.yaml" 2>>"$SDIR/helm.log" ;;
+		esac || {
+			failed+=("$name (helm template)")
+			continue
+		}
+		kc apply --dry-run=server -f "$SDIR/$name.yaml" >>"$SDIR/dry-run.log" 2>&1 || failed+=("$name")
+	done
+	for f in "$ROOT"/target/chart/*.yaml; do
+		[[ -f $f ]] || continue
+		kc apply --dry-run=server -f "$f" >>"$SDIR/dry-run.log" 2>&1 || failed+=("target/chart/$(basename "$f")")
+	done
+	ELAPSED=$((SECONDS - t0))
+	((${#failed[@]} == 0)) || fail "kube-apiserver refused: ${failed[*]} (see $SDIR/dry-run.log)"
+}
+
+# 8. The chart's sidecar pod, run for real. cluster-autoscaler's command and cloud-config and
+# Flotilla's command and configuration come from `helm template` (examples/helm/simulated.yaml,
+# plus ports, cluster name and group shape for this run) as kube-apiserver accepted them; the
+# release's ConfigMaps, ServiceAccount and RBAC are created in the cluster, the pod's volumes are
+# materialised from the API (tests/e2e/lib/podspec.py), and cluster-autoscaler runs with a token
+# of the chart's service account, so the chart's RBAC is all it has. A scale-up from zero must
+# work.
+helm_sidecar() {
+	local version=$1 cluster=$2
+	[[ -x $HELM_BIN/helm ]] || fail "helm was not built (see logs/build-helm.log)" || return 1
+	local ns=$CHART_NS
+	GRPC_PORT=$(free_port)
+	HTTP_PORT=$(free_port)
+	cat >"$SDIR/e2e.values.yaml" <<VALUES
+flotilla:
+  grpcPort: $GRPC_PORT
+  httpPort: $HTTP_PORT
+  config:
+    cluster_name: $cluster
+    clouds:
+      sim:
+        boot_time: 2s
+        create_latency: 300ms
+        state_file: /var/lib/flotilla/sim-state.json
+    groups:
+      workers:
+        max_size: 3
+        template:
+          cpu: "2"
+          memory: 4Gi
+          pods: 20
+          labels: { e2e.flotilla.dev/pool: $cluster }
+  # The simulated cloud's state file, in a volume of the pod.
+  extraVolumes: [{ name: state, emptyDir: {} }]
+  extraVolumeMounts: [{ name: state, mountPath: /var/lib/flotilla }]
+autoscaler:
+  extraArgs:
+    scan-interval: 5s
+    new-pod-scale-up-delay: 0s
+    max-node-provision-time: 5m
+VALUES
+	kc create namespace "$ns" >/dev/null 2>&1
+	kc -n "$ns" create secret generic flotilla-kubeconfig --from-file=kubeconfig="$RUN_DIR/pki/admin.kubeconfig" \
+		>/dev/null || fail "cannot create the kubeconfig Secret" || return 1
+	"$HELM_BIN/helm" template e2e "$ROOT/charts/flotilla" -n "$ns" \
+		-f "$ROOT/examples/helm/simulated.yaml" -f "$SDIR/e2e.values.yaml" >"$SDIR/chart.yaml" 2>"$SDIR/helm.log" ||
+		fail "helm template failed: $(head -3 "$SDIR/helm.log")" || return 1
+	# Everything but the Deployment for real (its pod would be a pending pod CA scales up for).
+	python3 -c '
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+yaml.safe_dump_all([d for d in docs if d["kind"] != "Deployment"], open(sys.argv[2], "w"))
+deps = [d for d in docs if d["kind"] == "Deployment"]
+assert len(deps) == 1, f"{len(deps)} Deployments in sidecar mode"
+yaml.safe_dump(deps[0], open(sys.argv[3], "w"))
+' "$SDIR/chart.yaml" "$SDIR/objects.yaml" "$SDIR/deployment.yaml" 2>>"$SDIR/helm.log" ||
+		fail "cannot split the rendered chart (see $SDIR/helm.log)" || return 1
+	kc apply -f "$SDIR/objects.yaml" >"$SDIR/apply.log" 2>&1 ||
+		fail "kube-apiserver refused the release: $(tail -2 "$SDIR/apply.log")" || return 1
+	kc apply --dry-run=server -o json -f "$SDIR/deployment.yaml" >"$SDIR/deployment.json" 2>>"$SDIR/apply.log" ||
+		fail "kube-apiserver refused the Deployment: $(tail -2 "$SDIR/apply.log")" || return 1
+	kc -n "$ns" get configmaps,secrets -o json >"$SDIR/volumes.json" || fail "cannot read the release's ConfigMaps" || return 1
+	python3 "$E2E_DIR/lib/podspec.py" "$SDIR/deployment.json" "$SDIR/volumes.json" "$SDIR/pod" "$SDIR/pod.sh" \
+		2>>"$SDIR/helm.log" || fail "cannot materialise the pod (see $SDIR/helm.log)" || return 1
+	local cmd_flotilla=() env_flotilla=() cmd_cluster_autoscaler=() env_cluster_autoscaler=()
+	# shellcheck source=/dev/null
+	source "$SDIR/pod.sh"
+	[[ ${cmd_flotilla[0]:-} == serve ]] || fail "Flotilla's container runs '${cmd_flotilla[*]}', expected serve ..." || return 1
+	[[ ${cmd_cluster_autoscaler[0]:-} == ./cluster-autoscaler ]] ||
+		fail "CA's container runs '${cmd_cluster_autoscaler[0]:-}'" || return 1
+
+	# A kubeconfig with a token of the pod's service account, for CA.
+	local sa token
+	sa=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["spec"]["template"]["spec"]["serviceAccountName"])' \
+		"$SDIR/deployment.json")
+	token=$(kc -n "$ns" create token "$sa" --duration=2h) || fail "cannot get a token for $sa" || return 1
+	cat >"$SDIR/ca.kubeconfig" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+current-context: sa
+clusters: [{ name: e2e, cluster: { server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$RUN_DIR/pki/ca.crt" } }]
+users: [{ name: sa, user: { token: "$token" } }]
+contexts: [{ name: sa, context: { cluster: e2e, user: sa, namespace: $ns } }]
+KUBECONFIG
+
+	"$FLOTILLA" check-config --config "$SDIR/pod/etc/flotilla/flotilla.toml" >>"$SDIR/flotilla.log" 2>&1 ||
+		fail "flotilla check-config rejected the rendered configuration (see $SDIR/flotilla.log)" || return 1
+	spawn "$SNAME-flotilla" env "${env_flotilla[@]}" "$FLOTILLA" "${cmd_flotilla[@]}"
+	FLOTILLA_PID=$SPAWNED_PID
+	wait_for 30 "flotilla to answer" ctl node-groups || fail "flotilla did not start (see logs/$SNAME-flotilla.log)" || return 1
+	# HTTP on every address (the pod IP, for probes and Prometheus), gRPC on loopback only.
+	local listen
+	listen=$(ss -ltnH 2>/dev/null | awk '{print $4}')
+	grep -qx "0.0.0.0:$HTTP_PORT" <<<"$listen" || fail "HTTP does not listen on 0.0.0.0:$HTTP_PORT" || return 1
+	grep -qx "127.0.0.1:$GRPC_PORT" <<<"$listen" || fail "gRPC does not listen on 127.0.0.1:$GRPC_PORT only" || return 1
+	wait_for 30 "/readyz" curl -sf "http://127.0.0.1:$HTTP_PORT/readyz" || fail "Flotilla not ready" || return 1
+
+	local bin
+	bin=$(ca_bin "$version")/cluster-autoscaler
+	spawn "$SNAME-ca" env "${env_cluster_autoscaler[@]}" "$bin" "${cmd_cluster_autoscaler[@]:1}" \
+		--kubeconfig="$SDIR/ca.kubeconfig" --address="127.0.0.1:$(free_port)"
+	CA_PID=$SPAWNED_PID
+	local t0=$SECONDS
+	workload web "$cluster" 1 500m
+	wait_for 120 "the pod to run" all_running web 1 || fail "pod not Running after 120s" || return 1
+	ELAPSED=$((SECONDS - t0))
+	local node provider
+	node=$(kc -n default get pods -l app=web -o jsonpath='{.items[0].spec.nodeName}')
+	provider=$(kc get node "$node" -o jsonpath='{.spec.providerID}')
+	[[ $provider == "simulated://$cluster/$node" ]] || fail "node $node has providerID $provider" || return 1
+	[[ $(rpc_count NodeGroupIncreaseSize) -ge 1 ]] || fail "CA never called NodeGroupIncreaseSize" || return 1
+	[[ -s $SDIR/pod/var/lib/flotilla/sim-state.json ]] || fail "the state file is not in the pod's volume" || return 1
+	# The chart's RBAC was enough: the API never refused cluster-autoscaler.
+	local refused
+	refused=$(grep -c 'is forbidden' "$RUN_DIR/logs/$SNAME-ca.log")
+	((refused == 0)) ||
+		fail "the API refused cluster-autoscaler $refused times: $(grep -m1 'is forbidden' "$RUN_DIR/logs/$SNAME-ca.log" | cut -c1-300)" ||
+		return 1
+	kc -n "$ns" get lease cluster-autoscaler >/dev/null 2>&1 || fail "CA did not take its leader-election Lease" || return 1
+}
+
+helm_cleanup() {
+	scenario_cleanup "$1"
+	kc delete namespace "$CHART_NS" autoscaler --wait=false >/dev/null 2>&1
+	kc delete clusterrole,clusterrolebinding -l app.kubernetes.io/name=flotilla >/dev/null 2>&1
+	return 0
+}
