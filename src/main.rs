@@ -29,7 +29,8 @@ enum Command {
         probe: bool,
     },
     /// Turn a Kamatera, Slicer, OpenStack, Proxmox or Docker autoscaler's configuration into a
-    /// Flotilla configuration and the cluster-autoscaler flags to use.
+    /// Flotilla configuration, the cluster-autoscaler flags to use, and the Helm values for
+    /// charts/flotilla.
     Import(flotilla::import::Args),
     /// Call one RPC of a running server by hand.
     Ctl {
