@@ -11,8 +11,9 @@
 //! * [`state`]: the fleet: machines per group, creates and deletes in flight, reconcile.
 //! * [`service`]: the gRPC `CloudProvider` service and the one error-to-status table.
 //! * [`template`]: template nodes for scale-from-zero.
-//! * [`telemetry`]: Prometheus metrics and the health/readiness endpoint.
-//! * [`provider_id`], [`quantity`]: small formats.
+//! * [`telemetry`]: Prometheus metrics and the health/readiness endpoint; [`logging`]: the log
+//!   set-up, which keeps secrets out of every level.
+//! * [`provider_id`], [`quantity`]: small formats; [`untrusted`]: caller text made safe to echo.
 //! * [`ctl`]: the `flotilla ctl` client, for calling any RPC by hand.
 //! * [`import`]: `flotilla import`, from the configurations of the systems users migrate from.
 //!
@@ -30,6 +31,7 @@ pub mod config;
 pub mod ctl;
 pub mod driver;
 pub mod import;
+pub mod logging;
 pub mod proto;
 pub mod provider_id;
 pub mod quantity;
@@ -37,6 +39,7 @@ pub mod service;
 pub mod state;
 pub mod telemetry;
 pub mod template;
+pub mod untrusted;
 
 use config::Config;
 use driver::SharedDriver;

@@ -16,6 +16,14 @@
 //! `GET /servers/detail` keeping only servers with this cluster's mark; `delete` reads the
 //! server first and refuses one whose marks are not this cluster's and group's.
 //!
+//! # Deletes that outlive a restart
+//! `mark_deleting` sets the metadata item `flotilla-deleting = true`
+//! (`PUT /servers/{id}/metadata/flotilla-deleting`, one call) before the delete; `list` reports
+//! a server so marked as Deleting, and the core deletes it again after a restart. Nova refuses
+//! metadata changes while a server is building or in ERROR (409): such a server is deleted
+//! unmarked, and a restart finds it as what it is (Creating, Failed) for cluster-autoscaler to
+//! decide again.
+//!
 //! # Keys
 //! `[clouds.NAME]`: one credentials source — `cloud` (+ optional `clouds_file`),
 //! `credentials_file` (YAML of `OS_*` keys), an inline `auth` table, or (none of these) the
@@ -58,6 +66,8 @@ use userdata::UserData;
 pub const META_CLUSTER: &str = "flotilla-cluster";
 /// Metadata key naming the node group a server belongs to.
 pub const META_GROUP: &str = "flotilla-group";
+/// Metadata key set on a server Flotilla is deleting (see the module docs).
+pub const META_DELETING: &str = "flotilla-deleting";
 
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_PAGE_SIZE: u32 = 200;
@@ -262,7 +272,7 @@ impl GroupSettings {
         }
         let config_drive = s.boolean("config_drive", p);
         let metadata = s.string_map("metadata", p);
-        for key in [META_CLUSTER, META_GROUP] {
+        for key in [META_CLUSTER, META_GROUP, META_DELETING] {
             if metadata.contains_key(key) {
                 p.push(format!("{}.{key}", s.key_path("metadata")), "is set by Flotilla to mark ownership");
             }
@@ -597,7 +607,7 @@ impl OpenStack {
             return None;
         }
         let group = s.metadata.get(META_GROUP)?.clone();
-        let deleting = s.task_state.as_deref() == Some("deleting");
+        let deleting = s.task_state.as_deref() == Some("deleting") || s.metadata.contains_key(META_DELETING);
         let state = match s.status.as_str() {
             _ if deleting => MachineState::Deleting,
             "DELETED" | "SOFT_DELETED" => MachineState::Deleting,
@@ -734,6 +744,10 @@ impl Driver for OpenStack {
         self.api.delete_server(&machine.id).await?;
         self.delete_ports(&server.name, &ports).await;
         Ok(())
+    }
+
+    async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
+        Ok(self.api.set_server_metadata_item(&machine.id, META_DELETING, "true").await?)
     }
 
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {

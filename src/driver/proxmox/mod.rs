@@ -13,7 +13,14 @@
 //! name starts with a group's name prefix, not being created by this process, and not read
 //! before (answers are cached by VMID and name): normally zero calls.
 //!
+//! # Deletes that outlive a restart
+//! `mark_deleting` adds the tag `flotilla-deleting` (one `/cluster/resources` read, one
+//! `PUT .../config`) before the delete stops and destroys the VM; `list` reports a VM so tagged
+//! as Deleting, and a restarted Flotilla destroys it. PVE refuses config changes to a locked VM
+//! (a clone in progress): such a VM is deleted unmarked.
+//!
 //! # States reported
+//! * tagged `flotilla-deleting` → Deleting.
 //! * tagged and `running` → Running (the core keeps it Creating while `create` runs).
 //! * tagged or marked, not running, not being created by this process → Failed: a create that
 //!   was interrupted (Flotilla crashed or restarted mid-create) or a VM someone stopped.
@@ -59,6 +66,8 @@ use ippool::IpPool;
 
 const TAG_CLUSTER: &str = "flotilla-c-";
 const TAG_GROUP: &str = "flotilla-g-";
+/// Set on a VM Flotilla is deleting, so the delete outlives a restart (see the module docs).
+const TAG_DELETING: &str = "flotilla-deleting";
 /// Attempts at a VMID before giving up (each loses only to a concurrent create).
 const VMID_ATTEMPTS: usize = 5;
 /// Where a group's templates are configured (rendered by [`script`], with [`template_context`]).
@@ -608,6 +617,28 @@ impl Proxmox {
         Ok(group)
     }
 
+    /// The VM `machine` names, if it is still that machine: the VMID may have been reused since,
+    /// so the name and the marks must match. `what` names the refused action.
+    async fn own_vm(&self, machine: &MachineRef, what: &str) -> Result<Vm> {
+        let vmid: u32 = machine.id.parse().map_err(|_| Error::NotFound(format!("{} is not a VMID", machine.id)))?;
+        let vms: Vec<Vm> = self.resources(Some("vm")).await?.iter().filter_map(Vm::from_json).collect();
+        let Some(vm) = vms.into_iter().find(|v| v.vmid == vmid) else {
+            return Err(Error::NotFound(format!("proxmox VM {vmid}")));
+        };
+        let group = match self.tagged_group(&vm) {
+            Some(g) => Some(g),
+            None if self.looks_like_ours(&vm) => self.marked_group(&vm).await?,
+            None => None,
+        };
+        if vm.template || vm.name != machine.name || group.as_deref() != Some(machine.group.as_str()) {
+            return Err(Error::InvalidRequest(format!(
+                "proxmox VM {vmid} ({}) is not {} of group {}; refusing to {what} it",
+                vm.name, machine.name, machine.group
+            )));
+        }
+        Ok(vm)
+    }
+
     fn looks_like_ours(&self, vm: &Vm) -> bool {
         self.name_prefixes.iter().any(|(_, prefix)| vm.name.starts_with(&format!("{prefix}-")))
     }
@@ -1130,6 +1161,8 @@ impl Driver for Proxmox {
             .map(|(vm, group)| {
                 let state = if in_flight.contains(&vm.name) {
                     MachineState::Creating
+                } else if vm.tags.iter().any(|t| t == TAG_DELETING) {
+                    MachineState::Deleting
                 } else if vm.status == "running" && self.tagged_group(&vm).is_some() {
                     MachineState::Running
                 } else {
@@ -1165,24 +1198,19 @@ impl Driver for Proxmox {
         result
     }
 
-    async fn delete(&self, machine: &MachineRef) -> Result<()> {
-        let vmid: u32 = machine.id.parse().map_err(|_| Error::NotFound(format!("{} is not a VMID", machine.id)))?;
-        let vms: Vec<Vm> = self.resources(Some("vm")).await?.iter().filter_map(Vm::from_json).collect();
-        let Some(vm) = vms.into_iter().find(|v| v.vmid == vmid) else {
-            return Err(Error::NotFound(format!("proxmox VM {vmid}")));
-        };
-        // The VMID may have been reused since: the name and the marks must match.
-        let group = match self.tagged_group(&vm) {
-            Some(g) => Some(g),
-            None if self.looks_like_ours(&vm) => self.marked_group(&vm).await?,
-            None => None,
-        };
-        if vm.template || vm.name != machine.name || group.as_deref() != Some(machine.group.as_str()) {
-            return Err(Error::InvalidRequest(format!(
-                "proxmox VM {vmid} ({}) is not {} of group {}; refusing to delete it",
-                vm.name, machine.name, machine.group
-            )));
+    async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
+        let vm = self.own_vm(machine, "mark").await?;
+        if vm.tags.iter().any(|t| t == TAG_DELETING) {
+            return Ok(());
         }
+        let tags: Vec<&str> = vm.tags.iter().map(String::as_str).chain([TAG_DELETING]).collect();
+        self.api.put(&format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid), &[("tags", tags.join(";"))]).await?;
+        Ok(())
+    }
+
+    async fn delete(&self, machine: &MachineRef) -> Result<()> {
+        let vm = self.own_vm(machine, "delete").await?;
+        let vmid = vm.vmid;
         match self.destroy(&vm.node, vmid, vm.status != "stopped").await {
             Ok(()) => {}
             Err(Error::NotFound(m)) => return Err(Error::NotFound(m)),
