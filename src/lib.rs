@@ -6,14 +6,16 @@
 //! # Layout
 //! * [`config`]: the TOML file, read completely, every problem reported at once.
 //! * [`driver`]: the driver trait, the table of driver kinds, one module per cloud, the shared HTTP
-//!   layer of the cloud APIs (`driver::http`), and the metrics decorator.
+//!   layer of the cloud APIs (`driver::http`), the boot-script templates several drivers render
+//!   (`driver::script`), and the metrics decorator.
 //! * [`state`]: the fleet: machines per group, creates and deletes in flight, reconcile.
 //! * [`service`]: the gRPC `CloudProvider` service and the one error-to-status table.
 //! * [`template`]: template nodes for scale-from-zero.
-//! * [`telemetry`]: Prometheus metrics and the health/readiness endpoint.
+//! * [`telemetry`]: Prometheus metrics and the health/readiness endpoint; [`logging`]: the log
+//!   set-up, which keeps secrets out of every level.
 //! * [`kube`]: the one Kubernetes API client; [`incluster`]: what Flotilla does with it
 //!   (leader election, Node cleanup, the priority expander's ConfigMap).
-//! * [`provider_id`], [`quantity`]: small formats.
+//! * [`provider_id`], [`quantity`]: small formats; [`untrusted`]: caller text made safe to echo.
 //! * [`ctl`]: the `flotilla ctl` client, for calling any RPC by hand.
 //! * [`import`]: `flotilla import`, from the configurations of the systems users migrate from.
 //!
@@ -33,6 +35,7 @@ pub mod driver;
 pub mod import;
 pub mod incluster;
 pub mod kube;
+pub mod logging;
 pub mod proto;
 pub mod provider_id;
 pub mod quantity;
@@ -40,6 +43,7 @@ pub mod service;
 pub mod state;
 pub mod telemetry;
 pub mod template;
+pub mod untrusted;
 
 use config::Config;
 use driver::SharedDriver;

@@ -3,7 +3,6 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use flotilla::config::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "An externalgrpc cloud provider for the Kubernetes cluster-autoscaler")]
@@ -39,7 +38,8 @@ enum Command {
         namespace: Option<String>,
     },
     /// Turn a Kamatera, Slicer, OpenStack, Proxmox or Docker autoscaler's configuration into a
-    /// Flotilla configuration and the cluster-autoscaler flags to use.
+    /// Flotilla configuration, the cluster-autoscaler flags to use, and the Helm values for
+    /// charts/flotilla.
     Import(flotilla::import::Args),
     /// Call one RPC of a running server by hand.
     Ctl {
@@ -48,17 +48,6 @@ enum Command {
         #[command(subcommand)]
         command: flotilla::ctl::Command,
     },
-}
-
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }
 
 async fn shutdown_signal() {
@@ -88,7 +77,7 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logging(config.log.format, &config.log.level);
+            flotilla::logging::init(config.log.format, &config.log.level);
             tracing::info!(source = %config.source, cluster = %config.cluster_name, "configuration loaded");
             let mut running = match flotilla::start(config, drivers).await {
                 Ok(r) => r,

@@ -267,11 +267,11 @@ async fn an_unreachable_engine_fails_refresh_as_unavailable_and_readiness() {
     })
     .await;
     assert_eq!(code, 503, "{body}");
-    // A scale-up is accepted (CA decided it) and each create fails as the engine is down.
-    support::increase(&mut c, "g", 1).await.unwrap();
-    let (message, class) = creation_error(&c, "g").await;
-    assert_eq!(class, 99);
-    assert!(message.contains("unavailable"), "{message}");
+    // The engine was never listed, so the group's size is unknown: a scale-up is refused
+    // (UNAVAILABLE) rather than checked against a size of 0.
+    let status = support::increase(&mut c, "g", 1).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("not been listed"), "{}", status.message());
     server.stop().await.unwrap();
 }
 
@@ -288,9 +288,10 @@ async fn a_missing_image_is_a_creation_error_and_leaves_nothing_behind() {
     assert_eq!(class, 99);
     assert!(message.contains("flotilla-test/absent:latest") && message.contains("pull"), "{message}");
     assert!(containers_of(&docker, &cluster).await.is_empty());
-    // CA deletes the failed instance; nothing exists, so it simply goes.
+    // CA deletes the failed instance; the next listing shows nothing exists, and it goes.
     let id = support::nodes(&mut c, "g").await[0].0.clone();
     support::delete(&mut c, "g", &[&id]).await.unwrap();
+    support::refresh(&mut c).await.unwrap();
     assert!(support::nodes(&mut c, "g").await.is_empty());
     server.stop().await.unwrap();
 }

@@ -70,6 +70,11 @@ async fn start_with_handle(cloud_extra: &str) -> (flotilla::Running, Client, Arc
     (server, client, sim)
 }
 
+/// Starts a server over a simulated cloud the test already holds (faults set before start).
+async fn start_over(cloud_extra: &str, sim: &Arc<simulated::Simulated>) -> (flotilla::Running, Client) {
+    support::start_with(support::config(&config_text(cloud_extra)), vec![Arc::clone(sim) as SharedDriver]).await
+}
+
 fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
     let s = r.expect_err("expected an error status");
     (s.code(), s.message().to_owned())
@@ -166,6 +171,48 @@ async fn create_concurrency_bounds_creates_in_flight() {
     server.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn after_a_restart_increase_size_waits_for_the_first_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = format!("state_file = {:?}", dir.path().join("sim.json").display().to_string());
+    let (server, mut c) = start(&state).await;
+    increase(&mut c, "small", 4).await.unwrap();
+    support::wait_running(&c, "small", 4, LONG).await;
+    server.stop().await.unwrap();
+
+    // Restarted, with a cloud whose listings take a second: the first IncreaseSize arrives
+    // before any listing finished, and must be checked against the 4 machines, not 0.
+    let (server, mut c) = start(&format!("{state}\nlist_latency = \"1s\"")).await;
+    let (status, message) = code(increase(&mut c, "small", 4).await);
+    assert_eq!(status, Code::InvalidArgument, "{message}");
+    assert!(message.contains("current size 4"), "{message}");
+    assert_eq!(target_size(&mut c, "small").await, 4);
+    increase(&mut c, "small", 1).await.unwrap();
+    assert_eq!(target_size(&mut c, "small").await, 5);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sizing_calls_answer_unavailable_until_the_cloud_could_be_listed_once() {
+    let sim = Arc::new(simulated::Simulated::new("t", simulated::Settings::default()).unwrap());
+    sim.set_outage(true);
+    let (server, mut c) = start_over("", &sim).await;
+    let (status, message) = code(increase(&mut c, "small", 1).await);
+    assert_eq!(status, Code::Unavailable);
+    assert!(message.contains("not been listed"), "{message}");
+    let (status, _) = code(c.node_group_target_size(pb::NodeGroupTargetSizeRequest { id: "small".into() }).await);
+    assert_eq!(status, Code::Unavailable);
+    let ask = pb::NodeGroupForNodeRequest {
+        node: Some(pb::ExternalGrpcNode { provider_id: "simulated://t/x".into(), ..Default::default() }),
+    };
+    assert_eq!(code(c.node_group_for_node(ask.clone()).await).0, Code::Unavailable);
+    assert_eq!(code(delete(&mut c, "small", &["simulated://t/x"]).await).0, Code::Unavailable);
+    sim.set_outage(false);
+    increase(&mut c, "small", 1).await.unwrap();
+    assert_eq!(c.node_group_for_node(ask).await.unwrap().into_inner().node_group.unwrap().id, "");
+    server.stop().await.unwrap();
+}
+
 // === failed creates ===
 
 #[tokio::test]
@@ -182,11 +229,15 @@ async fn a_failed_create_is_reported_as_creating_with_error_info_and_class() {
     let info = failed.2.unwrap();
     assert_eq!(info.instance_error_class, 1, "quota is OutOfResources");
     assert_eq!(info.error_code, "OUT_OF_RESOURCES");
-    // CA then deletes it, which lowers the target and leaves nothing behind.
+    // CA then deletes it, which lowers the target at once; the next listing shows the cloud
+    // kept nothing of it, and it is gone.
     assert_eq!(target_size(&mut c, "small").await, 1);
     delete(&mut c, "small", &[&failed.0]).await.unwrap();
     assert_eq!(target_size(&mut c, "small").await, 0);
+    assert!(nodes(&mut c, "small").await.iter().all(|(_, s, e)| *s == InstanceState::InstanceDeleting && e.is_none()));
+    refresh(&mut c).await.unwrap();
     assert!(nodes(&mut c, "small").await.is_empty());
+    delete(&mut c, "small", &[&failed.0]).await.expect("a repeated delete is a no-op");
     server.stop().await.unwrap();
 }
 
@@ -306,7 +357,8 @@ async fn decrease_target_size_only_cancels_capacity_not_yet_created() {
     increase(&mut c, "small", 3).await.unwrap();
     c.node_group_decrease_target_size(decrease(-2)).await.unwrap();
     assert_eq!(target_size(&mut c, "small").await, 1);
-    assert!(sim.machine_names().is_empty());
+    // The two cancelled never reached the cloud; the one create in flight did.
+    assert_eq!(sim.machine_names().len(), 1);
     server.shutdown_token().cancel();
 
     // Existing machines are never removed by DecreaseTargetSize.
@@ -317,6 +369,41 @@ async fn decrease_target_size_only_cancels_capacity_not_yet_created() {
     assert_eq!(status, Code::InvalidArgument);
     assert!(message.contains("only 0"), "{message}");
     assert_eq!(target_size(&mut c, "small").await, 2);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn decrease_target_size_never_goes_below_min_size() {
+    let (server, mut c) = start("create_latency = \"1h\"\ncreate_concurrency = 1").await;
+    let decrease = |delta| pb::NodeGroupDecreaseTargetSizeRequest { id: "guarded".into(), delta };
+    increase(&mut c, "guarded", 2).await.unwrap();
+    let (status, message) = code(c.node_group_decrease_target_size(decrease(-2)).await);
+    assert_eq!(status, Code::FailedPrecondition, "{message}");
+    assert!(message.contains("min size 1"), "{message}");
+    assert_eq!(target_size(&mut c, "guarded").await, 2);
+    c.node_group_decrease_target_size(decrease(-1)).await.unwrap();
+    assert_eq!(target_size(&mut c, "guarded").await, 1);
+    server.shutdown_token().cancel();
+}
+
+// === caller input ===
+
+#[tokio::test]
+async fn caller_text_comes_back_escaped_and_bounded() {
+    let (server, mut c) = start("").await;
+    let forged = "simulated://t/x\nINFO flotilla: forged line";
+    let huge = "y".repeat(1 << 20);
+    let many: Vec<String> = (0..1000).map(|i| format!("simulated://t/n{i}")).collect();
+    let mut ids = vec![forged, huge.as_str()];
+    ids.extend(many.iter().map(String::as_str));
+    let (status, message) = code(delete(&mut c, "small", &ids).await);
+    assert_eq!(status, Code::InvalidArgument);
+    assert!(!message.contains('\n') && message.contains("x\\nINFO"), "{message}");
+    assert!(message.len() < 2048, "{} bytes", message.len());
+    assert!(message.contains("and 997 more"), "{message}");
+    let (status, message) = code(increase(&mut c, &format!("no\ngroup{huge}"), 1).await);
+    assert_eq!(status, Code::NotFound);
+    assert!(!message.contains('\n') && message.len() < 512, "{message}");
     server.stop().await.unwrap();
 }
 

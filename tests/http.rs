@@ -82,3 +82,22 @@ async fn readiness_fails_while_the_cloud_cannot_be_listed() {
     sim.set_outage(false);
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn concurrent_scrapes_each_see_every_instance_series() {
+    let groups: String = (0..20).map(|i| format!("[groups.g{i}]\ncloud = \"sim\"\nmax_size = 3\n")).collect();
+    let (server, _c) =
+        support::start(&format!("cluster_name = \"t\"\n[clouds.sim]\ndriver = \"simulated\"\n{groups}")).await;
+    // 20 groups x 4 states.
+    let series = |text: &str| text.lines().filter(|l| l.starts_with("flotilla_instances{")).count();
+    let scrapers: Vec<_> = (0..4)
+        .map(|_| {
+            let (metrics, fleet) = (server.metrics.clone(), server.fleet.clone());
+            std::thread::spawn(move || (0..300).map(|_| series(&metrics.render(&fleet))).min().unwrap())
+        })
+        .collect();
+    for s in scrapers {
+        assert_eq!(s.join().unwrap(), 80, "a scrape missed instance series");
+    }
+    server.stop().await.unwrap();
+}

@@ -464,6 +464,100 @@ fn the_import_command_exits_1_and_names_the_key_when_the_input_is_incomplete() {
     assert!(out.stdout.is_empty(), "nothing is written on failure");
 }
 
+// ---------------------------------------------------------------- Helm
+
+/// The values block `instructions` prints after "Values (flotilla-values.yaml):", as printed.
+fn printed_helm_values(text: &str) -> String {
+    let mut lines = text.lines().skip_while(|l| !l.ends_with("Values (flotilla-values.yaml):"));
+    assert!(lines.next().is_some(), "no Helm values in:\n{text}");
+    lines.take_while(|l| l.starts_with("  ")).map(|l| format!("{l}\n")).collect()
+}
+
+/// `printed` against the part of values.schema.json it uses: known properties (or the
+/// schema's additionalProperties), and each value of the type the schema gives.
+fn declared(printed: &serde_yaml::Value, schema: &serde_json::Value, path: &str) {
+    use serde_yaml::Value as Y;
+    let kind = match printed {
+        Y::Mapping(_) => "object",
+        Y::Sequence(_) => "array",
+        Y::String(_) => "string",
+        Y::Number(_) => "number",
+        Y::Bool(_) => "boolean",
+        _ => "null",
+    };
+    let types: Vec<&str> = match &schema["type"] {
+        serde_json::Value::String(t) => vec![t.as_str()],
+        serde_json::Value::Array(ts) => ts.iter().filter_map(|t| t.as_str()).collect(),
+        _ => vec![kind],
+    };
+    assert!(types.contains(&kind), "{path}: the import prints {kind}, values.schema.json wants {types:?}");
+    if let Y::Mapping(m) = printed {
+        for (k, v) in m {
+            let k = k.as_str().unwrap();
+            let at = format!("{path}.{k}");
+            match (&schema["properties"][k], &schema["additionalProperties"]) {
+                (serde_json::Value::Object(_), _) => declared(v, &schema["properties"][k], &at),
+                (_, extra @ serde_json::Value::Object(_)) => declared(v, extra, &at),
+                (_, serde_json::Value::Bool(false)) => panic!("{at} is not a value of charts/flotilla"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// tests/chart/run renders these values with helm and the chart's schema and runs check-config
+/// on the pod's view; this checks, without helm, that they fit the chart's schema and carry
+/// every secret, file and flag of the import.
+#[test]
+fn the_printed_helm_values_fit_the_charts_schema_and_carry_every_secret_file_and_flag() {
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("charts/flotilla/values.schema.json").unwrap()).unwrap();
+    type Case<'a> = (Kind, &'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case; 5] = [
+        (Kind::Docker, &["config.yaml"], &[]),
+        (Kind::Kamatera, &["cloud-config.ini"], &[]),
+        (Kind::Openstack, &["config.yaml", "credentials.yaml"], &[]),
+        (Kind::Proxmox, &["settings.py"], &[("pxe_autoscaled_node_template_vm", "9000")]),
+        (Kind::Slicer, &["cloud-config.ini"], &[]),
+    ];
+    for (kind, files, overrides) in cases {
+        let i = run(kind, files, overrides);
+        let text = import::instructions(&i, Some(Path::new("flotilla.toml")));
+        let block = printed_helm_values(&text);
+        let values: serde_yaml::Value = serde_yaml::from_str(&block).unwrap_or_else(|e| panic!("{kind}: {e}\n{block}"));
+        declared(&values, &schema, "");
+        let env: Vec<_> = values["flotilla"]["secretEnv"]
+            .as_mapping()
+            .map(|m| m.keys().map(|k| k.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default();
+        assert_eq!(env, i.document.secret_vars(), "{kind}: secretEnv");
+        for f in &i.report.flags {
+            let printed = values["autoscaler"]["extraArgs"][f.name.as_str()].as_str();
+            match printed {
+                Some(v) => assert_eq!(v, f.value, "{kind}: --{}", f.name),
+                None => assert!(
+                    block.contains(&format!("# --{}={} is left out: ", f.name, f.value)),
+                    "{kind}: --{}",
+                    f.name
+                ),
+            }
+        }
+        let mounts: Vec<_> = values["flotilla"]["extraVolumeMounts"]
+            .as_sequence()
+            .map(|m| m.iter().map(|m| m["mountPath"].as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default();
+        let files: Vec<_> = i.document.file_paths().into_iter().map(|(_, p)| format!("/etc/flotilla/{p}")).collect();
+        assert_eq!(mounts, files, "{kind}: every file the configuration names is mounted where it looks");
+        assert!(
+            text.contains(
+                "helm upgrade --install autoscaler charts/flotilla -n autoscaler -f flotilla-values.yaml \
+                 --set-file flotilla.configToml=flotilla.toml"
+            ),
+            "{kind}: {text}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- Slicer
 
 #[tokio::test]

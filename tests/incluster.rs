@@ -394,3 +394,46 @@ async fn the_priority_configmap_needs_create_as_well_as_patch_until_it_exists() 
         .await
         .expect("patch suffices once it exists");
 }
+
+#[tokio::test]
+async fn a_delete_a_previous_process_accepted_still_ends_with_its_node_removed() {
+    let kube = kube_fake::Fake::start("t").await;
+    kube.grant(SA, CLEANUP_RULES);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube.kubeconfig(dir.path(), "t");
+    let state = dir.path().join("cloud.json");
+    let text = |faults: &str| {
+        sim_config(&kubeconfig, true, "1h").replace(
+            "node_cleanup = true\n",
+            &format!("node_cleanup = true\nstate_file = \"{}\"\n{faults}", state.display()),
+        )
+    };
+    // The first process marks the machine for deletion, then its delete hangs and it dies.
+    let first = support::config(&text("[clouds.sim.faults]\ndelete = [\"hang\"]\n"));
+    let drivers = flotilla::build_drivers(&first).unwrap();
+    let (server, mut c) = support::start_with(first, drivers).await;
+    support::increase(&mut c, "g", 1).await.unwrap();
+    let id = support::wait_running(&c, "g", 1, LIMIT).await.remove(0);
+    let name = id.rsplit('/').next().unwrap().to_owned();
+    kube.add_node(&name, &id, &[]);
+    support::delete(&mut c, "g", &[&id]).await.unwrap();
+    drop(c);
+    server.shutdown_token().cancel();
+    drop(server);
+    assert_eq!(kube.node_names(), std::slice::from_ref(&name), "nothing deleted it yet");
+
+    // The next process finds the machine marked, finishes the delete, and its Node goes once a
+    // listing shows the machine gone.
+    let (server, c) = support::start(&text("")).await;
+    support::eventually(LIMIT, "the node to be deleted", || {
+        let mut c = c.clone();
+        let kube = kube.clone();
+        async move {
+            let _ = support::refresh(&mut c).await;
+            kube.node_names().is_empty().then_some(())
+        }
+    })
+    .await;
+    server.stop().await.unwrap();
+    kube.assert_clean();
+}

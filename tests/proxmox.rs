@@ -487,6 +487,25 @@ async fn configuration_problems_are_all_reported() {
 }
 
 #[tokio::test]
+async fn a_template_mistake_is_a_configuration_problem_at_its_key() {
+    let t = Setup::new().await;
+    let text = t.toml(
+        "",
+        "snippets_dir = \"/tmp\"\nsnippets_storage = \"shared\"\nuser_data = \"hostname: {{ nmae }}\"\n\
+         join_command = \"k3s-join {% if %}\"\n",
+    );
+    let problems = flotilla::build_drivers(&support::config(&text)).unwrap_err();
+    let at = |key: &str| {
+        let path = format!("groups.workers.machine.{key}");
+        problems.items.iter().find(|p| p.path == path).unwrap_or_else(|| panic!("no {path} in {problems}"))
+    };
+    let user_data = &at("user_data").message;
+    assert!(user_data.contains("unknown variables: nmae"), "{user_data}");
+    let join = &at("join_command").message;
+    assert!(join.starts_with("cannot render the join command template: syntax error"), "{join}");
+}
+
+#[tokio::test]
 async fn cluster_autoscaler_scales_a_group_up_and_down_over_grpc() {
     let t = Setup::new().await;
     let text = t.toml("", &format!("{POOL}join_command = \"k3s-agent-join {{{{ name }}}}\""));

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duratio
 
 mod incluster;
 mod reader;
+mod tls;
 
 pub use incluster::{LeaderElectionConfig, PriorityExpanderConfig};
 pub use reader::{Problem, Problems, Section};
@@ -136,6 +137,13 @@ pub struct CloudConfig {
     pub node_cleanup: bool,
 }
 
+/// The largest `max_size` a group may have: far beyond any cluster Kubernetes supports, and
+/// small enough that a caller's IncreaseSize can never make Flotilla reserve unbounded memory.
+pub const MAX_GROUP_SIZE: i32 = 10_000;
+
+/// The most creates (or deletes) that may run at once on one cloud.
+pub const MAX_CONCURRENCY: i64 = 1024;
+
 /// Keys of a `[clouds.NAME]` table that the core reads; the driver reads the rest.
 pub const CLOUD_KEYS: &[&str] = &[
     "driver",
@@ -238,7 +246,11 @@ impl Config {
         let raw: toml::Table = match text.parse() {
             Ok(t) => t,
             Err(e) => {
-                p.push("", format!("not valid TOML: {}", e.message()));
+                let at = e.span().map(|span| {
+                    let (line, column) = line_and_column(text, span.start);
+                    format!(" (line {line}, column {column})")
+                });
+                p.push("", format!("not valid TOML{}: {}", at.unwrap_or_default(), e.message().trim_end()));
                 return (None, p);
             }
         };
@@ -319,6 +331,18 @@ fn parse_root(raw: &toml::Table, p: &mut Problems) -> Config {
     }
 }
 
+/// 1-based line and column (in characters) of a byte offset in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
 /// Kubernetes DNS-1123 label, kept short so generated names stay under 63 characters.
 fn is_dns_label(s: &str) -> bool {
     is_dns_label_of(s, 40)
@@ -370,14 +394,18 @@ fn parse_server(section: Option<Section<'_>>, p: &mut Problems) -> ServerConfig 
             let resolved = p.resolve(&path);
             if !resolved.is_file() {
                 p.push(t.key_path(key), format!("{} does not exist", resolved.display()));
+                return None;
             }
             Some(resolved)
         };
         let cert_file = file("cert_file", p);
         let key_file = file("key_file", p);
         let client_ca_file = file("client_ca_file", p);
+        let path = t.path().to_owned();
         t.finish(p);
-        Some(TlsConfig { cert_file: cert_file?, key_file: key_file?, client_ca_file: client_ca_file? })
+        let tls = TlsConfig { cert_file: cert_file?, key_file: key_file?, client_ca_file: client_ca_file? };
+        tls::check(&tls, &path, p);
+        Some(tls)
     });
     s.finish(p);
     ServerConfig { grpc_listen, http_listen, tls, shutdown_grace }
@@ -407,8 +435,10 @@ fn parse_state(section: Option<Section<'_>>, p: &mut Problems) -> StateConfig {
         max_staleness: s.duration("max_staleness", p).unwrap_or(Duration::from_secs(60)),
         reconcile_interval: s.duration("reconcile_interval", p).unwrap_or(Duration::from_secs(30)),
     };
-    if c.reconcile_interval.is_zero() {
-        p.push("state.reconcile_interval", "must be longer than zero");
+    for (key, value) in [("refresh_timeout", c.refresh_timeout), ("reconcile_interval", c.reconcile_interval)] {
+        if value.is_zero() {
+            p.push(format!("state.{key}"), "must be longer than zero");
+        }
     }
     if c.max_staleness < c.refresh_timeout {
         p.push("state.max_staleness", "must be at least state.refresh_timeout");
@@ -419,23 +449,32 @@ fn parse_state(section: Option<Section<'_>>, p: &mut Problems) -> StateConfig {
 
 fn parse_cloud(name: &str, s: &mut Section<'_>, p: &mut Problems) -> CloudConfig {
     let driver = s.required_string("driver", p).unwrap_or_default();
-    let positive = |v: Option<usize>, key: &str, default: usize, p: &mut Problems| match v {
-        Some(0) => {
-            p.push(format!("clouds.{name}.{key}"), "must be at least 1");
-            default
+    let concurrency = |s: &mut Section<'_>, key: &'static str, p: &mut Problems| match s.integer::<i64>(key, p) {
+        Some(n @ 1..=MAX_CONCURRENCY) => n as usize,
+        Some(n) => {
+            p.push(s.key_path(key), format!("{n} is not between 1 and {MAX_CONCURRENCY}"));
+            8
         }
-        Some(n) => n,
-        None => default,
+        None => 8,
     };
-    let create_concurrency = s.integer("create_concurrency", p);
-    let delete_concurrency = s.integer("delete_concurrency", p);
+    let create_concurrency = concurrency(s, "create_concurrency", p);
+    let delete_concurrency = concurrency(s, "delete_concurrency", p);
+    let mut timeout = |key: &'static str, default: Duration, p: &mut Problems| {
+        let d = s.duration(key, p).unwrap_or(default);
+        if d.is_zero() {
+            p.push(s.key_path(key), "must be longer than zero (every call would time out at once)");
+        }
+        d
+    };
+    let create_timeout = timeout("create_timeout", Duration::from_secs(15 * 60), p);
+    let delete_timeout = timeout("delete_timeout", Duration::from_secs(5 * 60), p);
     CloudConfig {
         name: name.to_owned(),
         driver,
-        create_concurrency: positive(create_concurrency, "create_concurrency", 8, p),
-        delete_concurrency: positive(delete_concurrency, "delete_concurrency", 8, p),
-        create_timeout: s.duration("create_timeout", p).unwrap_or(Duration::from_secs(15 * 60)),
-        delete_timeout: s.duration("delete_timeout", p).unwrap_or(Duration::from_secs(5 * 60)),
+        create_concurrency,
+        delete_concurrency,
+        create_timeout,
+        delete_timeout,
         region: s.string("region", p).unwrap_or_else(|| name.to_owned()),
         node_cleanup: s.boolean("node_cleanup", p).unwrap_or(false),
     }
@@ -467,6 +506,15 @@ fn parse_group(
     }
     if min_size < 0 {
         p.push(s.key_path("min_size"), "must not be negative");
+    }
+    if min_size > MAX_GROUP_SIZE {
+        p.push(s.key_path("min_size"), format!("{min_size} is more than the most a group may have, {MAX_GROUP_SIZE}"));
+    }
+    if let Some(max) = max_size.filter(|max| *max > MAX_GROUP_SIZE) {
+        p.push(
+            s.key_path("max_size"),
+            format!("{max} is too large: a group may have at most {MAX_GROUP_SIZE} machines"),
+        );
     }
     if let Some(max) = max_size.filter(|max| *max < min_size) {
         p.push(s.key_path("max_size"), format!("{max} is below min_size {min_size}"));
@@ -642,5 +690,76 @@ mod tests {
             assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
         }
         assert!(err.to_string().starts_with("test.toml: "));
+    }
+
+    const MINIMAL: &str = "cluster_name = \"t\"\n[groups.g]\ncloud = \"sim\"\nmax_size = 3\n";
+
+    #[test]
+    fn values_that_cannot_work_are_refused_with_clear_bounds() {
+        let err = parse(&format!(
+            "{MINIMAL}[state]\nrefresh_timeout = \"0s\"\nreconcile_interval = \"100000years\"\n\
+             [clouds.sim]\ndriver = \"simulated\"\ncreate_concurrency = 4611686018427387904\n\
+             delete_concurrency = 100000\ncreate_timeout = \"0s\"\ndelete_timeout = \"0s\"\n\
+             [groups.big]\ncloud = \"sim\"\nmin_size = 2147483647\nmax_size = 2147483647\n"
+        ))
+        .unwrap_err();
+        let paths: Vec<_> = err.items.iter().map(|i| i.path.as_str()).collect();
+        for expected in [
+            "state.refresh_timeout",
+            "state.reconcile_interval",
+            "clouds.sim.create_concurrency",
+            "clouds.sim.delete_concurrency",
+            "clouds.sim.create_timeout",
+            "clouds.sim.delete_timeout",
+            "groups.big.max_size",
+            "groups.big.min_size",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {err}");
+        }
+        let text = err.to_string();
+        assert!(text.contains("between 1 and 1024"), "{text}");
+        assert!(text.contains(&format!("at most {MAX_GROUP_SIZE} machines")), "{text}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_name_their_line_and_column() {
+        let err = parse("cluster_name = \"t\"\n[groups.g]\nmax_size = = 3\n").unwrap_err();
+        assert_eq!(err.items.len(), 1);
+        let message = &err.items[0].message;
+        assert!(message.contains("line 3, column 12"), "{message}");
+    }
+
+    #[test]
+    fn tls_files_must_hold_pem_of_the_right_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["flotilla".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        for (name, text) in [
+            ("cert.pem", cert.pem()),
+            ("key.pem", key.serialize_pem()),
+            ("other-key.pem", other_key.serialize_pem()),
+            ("junk", "not a certificate\n".to_owned()),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let with_tls = |cert: &str, key: &str, ca: &str| {
+            let text = format!(
+                "{MINIMAL}[clouds.sim]\ndriver = \"simulated\"\n[server.tls]\ncert_file = \"{cert}\"\n\
+                 key_file = \"{key}\"\nclient_ca_file = \"{ca}\"\n"
+            );
+            Config::parse(&text, "test.toml", dir.path())
+        };
+        with_tls("cert.pem", "key.pem", "cert.pem").expect("a matching pair and a CA");
+        let err = with_tls("junk", "junk", "junk").unwrap_err();
+        let paths: Vec<_> = err.items.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["server.tls.cert_file", "server.tls.key_file", "server.tls.client_ca_file"], "{err}");
+        assert!(err.to_string().contains("PEM"), "{err}");
+        let err = with_tls("cert.pem", "other-key.pem", "cert.pem").unwrap_err();
+        assert_eq!(err.items[0].path, "server.tls.key_file", "{err}");
+        assert!(err.items[0].message.contains("does not match"), "{err}");
+        let err = with_tls("cert.pem", "cert.pem", "key.pem").unwrap_err();
+        let paths: Vec<_> = err.items.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["server.tls.key_file", "server.tls.client_ca_file"], "{err}");
     }
 }

@@ -13,6 +13,9 @@ use toml::{Table, Value};
 use super::Secret;
 use crate::quantity;
 
+/// The longest duration any key accepts: longer is surely a mistake, and would overflow timers.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// One thing wrong with the configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -191,10 +194,15 @@ impl<'a> Section<'a> {
         }
     }
 
-    /// A duration written as text: `"30s"`, `"15m"`, `"1h 30m"`, `"250ms"`.
+    /// A duration written as text: `"30s"`, `"15m"`, `"1h 30m"`, `"250ms"`; at most
+    /// [`MAX_DURATION`], so no timer can overflow.
     pub fn duration(&mut self, key: &'a str, p: &mut Problems) -> Option<Duration> {
         let text = self.string(key, p)?;
         match humantime::parse_duration(&text) {
+            Ok(d) if d > MAX_DURATION => {
+                p.push(self.key_path(key), format!("{text:?} is longer than the longest duration allowed, 365 days"));
+                None
+            }
             Ok(d) => Some(d),
             Err(e) => {
                 p.push(self.key_path(key), format!("{text:?} is not a duration ({e}); write e.g. \"30s\" or \"5m\""));

@@ -25,7 +25,7 @@ impl Metered {
         let labels = DriverLabels { cloud: self.cloud.clone(), driver: self.inner.kind(), operation };
         // A delete of something already gone is success, not an error worth alerting on.
         let error = match result {
-            Err(super::Error::NotFound(_)) if operation == "delete" => None,
+            Err(super::Error::NotFound(_)) if operation == "delete" || operation == "mark_deleting" => None,
             Err(e) => Some(e.kind()),
             Ok(_) => None,
         };
@@ -57,6 +57,13 @@ impl Driver for Metered {
         let started = Instant::now();
         let r = self.inner.delete(machine).await;
         self.observe("delete", started, &r);
+        r
+    }
+
+    async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
+        let started = Instant::now();
+        let r = self.inner.mark_deleting(machine).await;
+        self.observe("mark_deleting", started, &r);
         r
     }
 

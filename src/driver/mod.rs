@@ -14,7 +14,10 @@
 //!   [`MachineState::Creating`]). On error the driver removes whatever it half-created, as far
 //!   as it can; anything it could not remove still carries the marks and shows up in `list`.
 //! * **Delete** of a machine that is already gone returns [`Error::NotFound`]; the caller treats
-//!   that as done, so a delete can be repeated safely.
+//!   that as done, so a delete can be repeated safely. The core deletes again every machine
+//!   `list` reports as [`MachineState::Deleting`] that it has no delete running for (that is how
+//!   an accepted delete survives a restart, see [`Driver::mark_deleting`]), so a delete of a
+//!   machine the cloud is already deleting must succeed or be `NotFound`.
 //! * Errors are classified ([`Error`]) the same way for every cloud; the core maps them to gRPC
 //!   statuses and cluster-autoscaler error classes in one place.
 
@@ -30,6 +33,7 @@ pub mod kamatera;
 pub mod metered;
 pub mod openstack;
 pub mod proxmox;
+pub mod script;
 pub mod simulated;
 pub mod slicer;
 
@@ -187,6 +191,19 @@ pub trait Driver: Send + Sync + fmt::Debug {
 
     /// Deletes one machine; [`Error::NotFound`] if it is already gone.
     async fn delete(&self, machine: &MachineRef) -> Result<()>;
+
+    /// Marks `machine`, in the cloud, as one Flotilla is deleting, so the intent outlives this
+    /// process: from then on `list` reports it as [`MachineState::Deleting`], and a restarted
+    /// Flotilla deletes it again. The core calls it before `delete`, while `NodeGroupDeleteNodes`
+    /// waits, so it must be one quick call (a tag, label or metadata update).
+    /// [`Error::NotFound`] means the machine is gone, which is as good as deleted.
+    ///
+    /// The default marks nothing: on a cloud that cannot mark a machine, an accepted delete lives
+    /// in memory until its delete call reaches the cloud.
+    async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
+        let _ = machine;
+        Ok(())
+    }
 
     /// What a machine of `group` looks like, for the template node. `None` when the cloud does
     /// not know (configuration must then say).

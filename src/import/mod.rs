@@ -1,7 +1,8 @@
 //! `flotilla import <kind> FILE...`: turns the configuration of a system users migrate from
 //! (the seeds: the in-tree Kamatera provider, the Slicer provider, the K3s-on-OpenStack,
 //! Proxmox and Docker autoscalers) into a Flotilla configuration, plus the cluster-autoscaler
-//! flags that replace the seed's own scaling logic.
+//! flags that replace the seed's own scaling logic and the values that run it all with the
+//! chart ([`helm`]).
 //!
 //! Every key of the input ends up in the [`Report`]: carried over, turned into a CA flag or a
 //! per-group option, turned into a secret reference (`{ env = "VAR" }`: a secret's value is
@@ -19,6 +20,7 @@ use std::{
 
 pub mod docker;
 pub mod gcfg;
+pub mod helm;
 pub mod kamatera;
 pub mod openstack;
 pub mod out;
@@ -379,7 +381,7 @@ pub fn run(args: Args) -> bool {
 }
 
 /// The text after the configuration: the report, the cluster-autoscaler flags and its
-/// cloud-config, and what to do next.
+/// cloud-config, and what to do next, by hand or with the chart.
 pub fn instructions(import: &Import, config_path: Option<&Path>) -> String {
     let mut s = import.report.to_string();
     let shown = config_path.map(|p| p.display().to_string()).unwrap_or_else(|| "flotilla.toml".into());
@@ -393,8 +395,34 @@ pub fn instructions(import: &Import, config_path: Option<&Path>) -> String {
         "Keep your other cluster-autoscaler flags; --nodes and --node-group-auto-discovery are ignored with \
          externalgrpc (every group comes from Flotilla).\n",
     );
-    s.push_str("Helm: the chart (charts/flotilla) is not in this build; pass the flags above as the cluster-autoscaler chart's extraArgs.\n");
-    s.push_str(&format!("\nThen: flotilla check-config --config {shown} && flotilla serve --config {shown}\n"));
+    s.push_str(&format!("Then: flotilla check-config --config {shown} && flotilla serve --config {shown}\n"));
+
+    let helm = helm::Values::new(import);
+    s.push_str(&format!(
+        "\nOr with Helm: charts/flotilla runs cluster-autoscaler and Flotilla in one pod and writes the \
+         cloud-config and the [server] table itself. Values ({}):\n",
+        helm::VALUES_FILE
+    ));
+    for line in helm.yaml().lines() {
+        s.push_str(&format!("  {line}\n"));
+    }
+    let secrets = match (helm.secret_vars.is_empty(), helm.files.is_empty()) {
+        (true, true) => "Install".to_owned(),
+        (false, true) => format!("Create the Secret {} from the variables above, and install", helm::SECRETS),
+        (true, false) => {
+            format!("Create the Secret {} with the files the configuration names, and install", helm::FILES)
+        }
+        (false, false) => format!(
+            "Create the Secrets {} from the variables above and {} with the files the configuration names, and install",
+            helm::SECRETS,
+            helm::FILES
+        ),
+    };
+    s.push_str(&format!("{secrets} with {shown} as flotilla.configToml (again after every change to it):\n"));
+    let config = config_path.map(Path::to_path_buf).unwrap_or_else(|| "flotilla.toml".into());
+    for c in helm.commands(&config) {
+        s.push_str(&format!("  {c}\n"));
+    }
     s
 }
 

@@ -205,11 +205,36 @@ impl Document {
         walk(&self.root, &mut out);
         out
     }
+
+    /// Every file the document names, as `(key path, path as written)`, in order of
+    /// appearance: the string values of keys ending in `_file` (`credentials_file`, `ca_file`,
+    /// `script_file`, ...), which is how Flotilla's configuration names every file it reads.
+    pub fn file_paths(&self) -> Vec<(String, String)> {
+        self.strings(&|key| key.ends_with("_file"))
+    }
+
+    /// Every string value (outside inline tables) whose key `keep` accepts, as `(key path,
+    /// value)`, in order of appearance.
+    pub fn strings(&self, keep: &dyn Fn(&str) -> bool) -> Vec<(String, String)> {
+        fn walk(t: &Table, path: &str, keep: &dyn Fn(&str) -> bool, out: &mut Vec<(String, String)>) {
+            for e in &t.entries {
+                let here = if path.is_empty() { e.key.clone() } else { format!("{path}.{}", e.key) };
+                match &e.item {
+                    Item::Value(Value::String(s)) if keep(&e.key) => out.push((here, s.clone())),
+                    Item::Value(_) => {}
+                    Item::Table(t) => walk(t, &here, keep, out),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, "", keep, &mut out);
+        out
+    }
 }
 
 /// Writes `text` as `# ` lines, wrapping prose at 100 columns (a line that is an example
 /// `key = value` stays whole, so it can be uncommented).
-fn comment_lines(text: &str, out: &mut String) {
+pub(crate) fn comment_lines(text: &str, out: &mut String) {
     for line in text.lines() {
         if line.is_empty() {
             out.push_str("#\n");
@@ -331,7 +356,7 @@ pub fn relative_path(path: &Path, base: &Path) -> String {
 }
 
 /// Removes `.` and resolves `..` lexically (the files may not exist yet).
-fn normalize(p: &Path) -> std::path::PathBuf {
+pub(crate) fn normalize(p: &Path) -> std::path::PathBuf {
     let mut out = std::path::PathBuf::new();
     for c in p.components() {
         match c {
@@ -373,6 +398,21 @@ mod tests {
         assert_eq!(parsed["groups"]["workers"]["options"]["scale_down_utilization_threshold"].as_float(), Some(0.5));
         assert!(text.starts_with("# imported\n# from clusterName\ncluster_name = \"dev\"\n"), "{text}");
         assert_eq!(d.secret_vars(), ["TOKEN"]);
+    }
+
+    #[test]
+    fn the_files_a_document_names_are_the_values_of_its_file_keys() {
+        let mut d = Document::default();
+        d.root.table("clouds.os").set("credentials_file", "creds.yaml", None).set("cloud", "x_file", None);
+        d.root.table("groups.g.machine").set("script_file", "init.sh", None).set("profile", "p", None);
+        d.root.table("groups.g.template").set("labels", Value::Table(vec![("ca_file".into(), "v".into())]), None);
+        assert_eq!(
+            d.file_paths(),
+            [
+                ("clouds.os.credentials_file".to_owned(), "creds.yaml".to_owned()),
+                ("groups.g.machine.script_file".to_owned(), "init.sh".to_owned())
+            ]
+        );
     }
 
     #[test]

@@ -21,8 +21,9 @@
 //! # Failures
 //! An API error keeps the machine pending; it is tried again every `retry` (the reconcile
 //! interval) for up to [`GIVE_UP_AFTER`]. Only a leader cleans up: a replica that loses its
-//! Lease drops what it had pending (the new leader does not know about it: a known limit, the
-//! pending set lives in memory).
+//! Lease drops what it had pending. A delete still marked in the cloud is finished, and its Node
+//! cleaned up, by the next leader; one whose machine was already gone when the replica died but
+//! not yet confirmed by a listing is not (the pending set lives in memory: a known limit).
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

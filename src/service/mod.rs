@@ -11,6 +11,7 @@ use crate::{
     proto::externalgrpc::{self as pb, cloud_provider_server::CloudProvider, instance_status::InstanceState},
     state::{Fleet, InstancePhase},
     telemetry::metrics::Metrics,
+    untrusted,
 };
 
 pub mod options;
@@ -61,13 +62,23 @@ impl Service {
         };
         self.metrics.observe_rpc(method, code, started.elapsed().as_secs_f64());
         if let Err(s) = &result {
-            debug!(method, code = ?s.code(), message = s.message(), "rpc failed");
+            // Status messages quote caller text through `untrusted::quote`; `?` escapes the
+            // rest, so nothing a caller sends can forge a log line.
+            debug!(method, code = ?s.code(), error = ?s.message(), "rpc failed");
         }
         result.map(Response::new)
     }
 
     fn group(&self, id: &str) -> Result<usize, Status> {
         Ok(self.fleet.group_index(id)?)
+    }
+
+    /// A group whose sizes are known: its cloud has been listed since start (the first calls
+    /// after a start wait for that listing, bounded; see [`Fleet::wait_listed`]).
+    async fn listed_group(&self, id: &str) -> Result<usize, Status> {
+        let g = self.group(id)?;
+        self.fleet.wait_listed(g).await?;
+        Ok(g)
     }
 
     fn priced_groups(&self) -> impl Iterator<Item = (usize, f64)> + '_ {
@@ -109,9 +120,14 @@ impl CloudProvider for Service {
         self.instrument("NodeGroupForNode", async {
             let node = request.into_inner().node.unwrap_or_default();
             // Fake nodes for unregistered instances carry the instance id as both name and
-            // providerID, so one index lookup serves both. Unknown nodes are not an error.
-            let node_group =
-                self.fleet.group_of(&node.provider_id).map(|g| self.node_groups[g].clone()).unwrap_or_default();
+            // providerID, so one index lookup serves both. Unknown nodes are not an error, once
+            // every cloud has been listed and the node is known to be none of ours.
+            let mut group = self.fleet.group_of(&node.provider_id);
+            if group.is_none() {
+                self.fleet.wait_all_listed().await?;
+                group = self.fleet.group_of(&node.provider_id);
+            }
+            let node_group = group.map(|g| self.node_groups[g].clone()).unwrap_or_default();
             Ok(pb::NodeGroupForNodeResponse { node_group: Some(node_group) })
         })
         .await
@@ -128,7 +144,11 @@ impl CloudProvider for Service {
             let r = request.into_inner();
             let node = r.node.unwrap_or_default();
             let g = pricing::group_of_node(&self.fleet, &node).ok_or_else(|| {
-                Status::not_found(format!("node {:?} ({:?}) belongs to no node group", node.name, node.provider_id))
+                Status::not_found(format!(
+                    "node {} ({}) belongs to no node group",
+                    untrusted::quote(&node.name),
+                    untrusted::quote(&node.provider_id)
+                ))
             })?;
             let group = &self.fleet.groups[g].config;
             let hourly = group.price_per_hour.ok_or_else(|| {
@@ -210,7 +230,7 @@ impl CloudProvider for Service {
         request: Request<pb::NodeGroupTargetSizeRequest>,
     ) -> Result<Response<pb::NodeGroupTargetSizeResponse>, Status> {
         self.instrument("NodeGroupTargetSize", async {
-            let g = self.group(&request.get_ref().id)?;
+            let g = self.listed_group(&request.get_ref().id).await?;
             let target_size = i32::try_from(self.fleet.target_size(g)).unwrap_or(i32::MAX);
             Ok(pb::NodeGroupTargetSizeResponse { target_size })
         })
@@ -223,7 +243,7 @@ impl CloudProvider for Service {
     ) -> Result<Response<pb::NodeGroupIncreaseSizeResponse>, Status> {
         self.instrument("NodeGroupIncreaseSize", async {
             let r = request.get_ref();
-            let g = self.group(&r.id)?;
+            let g = self.listed_group(&r.id).await?;
             self.fleet.increase(g, r.delta)?;
             Ok(pb::NodeGroupIncreaseSizeResponse {})
         })
@@ -236,14 +256,14 @@ impl CloudProvider for Service {
     ) -> Result<Response<pb::NodeGroupDeleteNodesResponse>, Status> {
         self.instrument("NodeGroupDeleteNodes", async {
             let r = request.get_ref();
-            let g = self.group(&r.id)?;
+            let g = self.listed_group(&r.id).await?;
             // A node without providerID can only be a fake node named after its instance id.
             let ids: Vec<&str> = r
                 .nodes
                 .iter()
                 .map(|n| if n.provider_id.is_empty() { n.name.as_str() } else { n.provider_id.as_str() })
                 .collect();
-            self.fleet.delete_nodes(g, &ids)?;
+            self.fleet.delete_nodes(g, &ids).await?;
             Ok(pb::NodeGroupDeleteNodesResponse {})
         })
         .await
@@ -255,7 +275,7 @@ impl CloudProvider for Service {
     ) -> Result<Response<pb::NodeGroupDecreaseTargetSizeResponse>, Status> {
         self.instrument("NodeGroupDecreaseTargetSize", async {
             let r = request.get_ref();
-            let g = self.group(&r.id)?;
+            let g = self.listed_group(&r.id).await?;
             self.fleet.decrease(g, r.delta)?;
             Ok(pb::NodeGroupDecreaseTargetSizeResponse {})
         })
@@ -267,7 +287,7 @@ impl CloudProvider for Service {
         request: Request<pb::NodeGroupNodesRequest>,
     ) -> Result<Response<pb::NodeGroupNodesResponse>, Status> {
         self.instrument("NodeGroupNodes", async {
-            let g = self.group(&request.get_ref().id)?;
+            let g = self.listed_group(&request.get_ref().id).await?;
             let mut instances = Vec::with_capacity(self.fleet.target_size(g));
             self.fleet.for_each_instance(g, |id, phase| instances.push(instance(id, phase)));
             Ok(pb::NodeGroupNodesResponse { instances })

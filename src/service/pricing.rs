@@ -30,6 +30,11 @@ pub fn group_of_node(fleet: &Fleet, node: &pb::ExternalGrpcNode) -> Option<usize
     if let Some(g) = fleet.group_of(&node.provider_id) {
         return Some(g);
     }
+    // A Kubernetes node name has at most 253 characters: anything longer is no node of ours,
+    // and is not worth scanning.
+    if node.name.len() > 253 {
+        return None;
+    }
     let by_name = |name: &str| fleet.groups.iter().position(|g| g.config.name == name);
     if let Some(rest) = node.name.strip_prefix(TEMPLATE_NODE_PREFIX) {
         // `<group>-<random>`; group names may contain '-', so try the longest match first.

@@ -30,7 +30,7 @@ impl From<state::Error> for Status {
             | E::WouldRemoveExisting { .. }
             | E::NotInGroup { .. } => Code::InvalidArgument,
             E::BelowMin { .. } => Code::FailedPrecondition,
-            E::Stale { .. } | E::NotLeader { .. } => Code::Unavailable,
+            E::Stale { .. } | E::NotListed { .. } | E::NotLeader { .. } => Code::Unavailable,
             E::Driver { source, .. } => driver_code(source),
         };
         Status::new(code, e.to_string())
@@ -58,7 +58,7 @@ mod tests {
         let s = Status::from(state::Error::AboveMax { group: "g".into(), current: 3, delta: 2, max: 4 });
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("current size 3") && s.message().contains("max size 4"));
-        assert_eq!(Status::from(state::Error::UnknownGroup("x".into())).code(), Code::NotFound);
+        assert_eq!(Status::from(state::Error::UnknownGroup("\"x\"".into())).code(), Code::NotFound);
         let cloud = |source| state::Error::Driver { cloud: "c".into(), source };
         assert_eq!(Status::from(cloud(driver::Error::Unavailable("down".into()))).code(), Code::Unavailable);
         assert_eq!(Status::from(cloud(driver::Error::OutOfResources("quota".into()))).code(), Code::ResourceExhausted);

@@ -2,30 +2,45 @@
 //! flight, and the reconcile that brings both together.
 //!
 //! # Who writes what
-//! * [`Fleet::reconcile_cloud`] replaces a cloud's machines with what one listing returned; the
-//!   listing is the source of truth, so a restart loses nothing.
-//! * RPC handlers ([`Fleet::increase`], [`Fleet::delete_nodes`], [`Fleet::decrease`]) record
-//!   intent under the write lock and return at once; background tasks (bounded per cloud by a
-//!   semaphore) do the cloud calls and write the outcome back.
+//! * [`Fleet::reconcile_cloud`] applies one listing: it writes what the cloud says
+//!   ([`Entry::cloud`], [`Entry::cloud_id`]), adopts machines it did not know (a restart loses
+//!   nothing), drops what the cloud no longer has, and issues deletes the cloud still owes.
+//! * RPC handlers ([`Fleet::increase`], [`Fleet::delete_nodes`], [`Fleet::decrease`]) write
+//!   cluster-autoscaler's intent ([`Entry::create`] queued, [`Entry::delete`] wanted) under the
+//!   write lock and return at once; `DeleteNodes` only waits (bounded) for the cloud to record
+//!   its deletes, see [`Driver::mark_deleting`](crate::driver::Driver::mark_deleting).
+//! * Background tasks, bounded per cloud by semaphores, make the cloud calls and write their
+//!   outcome: the create task writes [`Entry::create`] (in flight, done, failed), the delete
+//!   task removes the entry or sets [`Delete::Retry`].
 //! * Hot RPCs (`NodeGroupForNode`, `NodeGroupTargetSize`, `NodeGroupNodes`) only take the read
 //!   lock; they never call a cloud.
+//!
+//! What cluster-autoscaler is told about an entry ([`Entry::phase`]) is derived from those
+//! fields, never stored, so no writer can leave it inconsistent.
 //!
 //! The lock is a `std` lock held for short, synchronous sections only, never across an await.
 //!
 //! # Races a listing can lose
 //! A listing started at `T` may be applied after a create returned (the machine is absent from
-//! it) or after a delete finished (the machine is still in it). Entries therefore remember when
-//! they were last confirmed, and finished deletes leave a tombstone; a listing never overrides
-//! anything newer than its own start.
+//! it), after a create failed and the driver removed the machine, or after a delete finished
+//! (the machine is still in it). So entries remember when this process last learnt something
+//! about them ([`Entry::confirmed_at`]), finished deletes leave a tombstone, and a listing never
+//! overrides anything newer than its own start. A failed create stays reported, with its error,
+//! whatever listings say, until cluster-autoscaler deletes it or [`FAILED_CREATE_RETENTION`]
+//! passes.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{
+        Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use tokio::{
-    sync::{Notify, OnceCell, Semaphore, mpsc},
+    sync::{Notify, OnceCell, Semaphore, mpsc, oneshot},
+    task::JoinSet,
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -37,16 +52,25 @@ use crate::{
     provider_id::{Parts, ProviderIdFormat},
     telemetry::metrics::Metrics,
     template::Template,
+    untrusted,
 };
 
 /// How long a finished delete is remembered, so a repeated `DeleteNodes` for it is a no-op and a
 /// listing that started before it finished cannot bring it back.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(15 * 60);
 
-/// Errors of the fleet's operations; `service::status` maps them to gRPC codes.
+/// How long a failed create stays reported when cluster-autoscaler does not delete it (it
+/// normally does within one loop); see README, "How Flotilla behaves".
+pub const FAILED_CREATE_RETENTION: Duration = Duration::from_secs(30 * 60);
+
+/// At most this many caller-supplied ids are quoted in one error message.
+const MAX_QUOTED_IDS: usize = 5;
+
+/// Errors of the fleet's operations; `service::status` maps them to gRPC codes. Text a caller
+/// sent is quoted and bounded with [`untrusted::quote`] before it is stored here.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("node group {0:?} not found")]
+    #[error("node group {0} not found")]
     UnknownGroup(String),
     #[error("delta must be positive, got {delta}")]
     NonPositiveDelta { delta: i32 },
@@ -59,18 +83,22 @@ pub enum Error {
          (target {target}); existing machines are removed with DeleteNodes"
     )]
     WouldRemoveExisting { group: String, delta: i32, cancellable: usize, target: usize },
-    #[error("nodes do not belong to node group {group:?}: {}", nodes.join(", "))]
-    NotInGroup { group: String, nodes: Vec<String> },
+    #[error("nodes do not belong to node group {group:?}: {nodes}")]
+    NotInGroup { group: String, nodes: String },
     #[error(
-        "cannot delete {deleting} nodes from node group {group:?}: target size {target} would fall below min size {min}"
+        "cannot remove {removing} machines from node group {group:?}: target size {target} would fall below min size {min}"
     )]
-    BelowMin { group: String, deleting: usize, target: usize, min: i32 },
+    BelowMin { group: String, removing: usize, target: usize, min: i32 },
     #[error(
         "cloud {cloud:?} state is stale: last successful listing {}, bound is {bound:?}{}",
         age.map(|a| format!("{a:.0?} ago")).unwrap_or_else(|| "never".into()),
         last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default()
     )]
     Stale { cloud: String, age: Option<Duration>, bound: Duration, last_error: Option<String> },
+    #[error(
+        "cloud {cloud:?} has not been listed since Flotilla started, so its machines are not known yet; try again shortly"
+    )]
+    NotListed { cloud: String },
     #[error("cloud {cloud:?}: {source}")]
     Driver {
         cloud: String,
@@ -94,38 +122,86 @@ pub enum InstancePhase<'a> {
     Failed(&'a CreateFailure),
 }
 
-/// The life of one entry, from the request to the cloud's word.
+/// Where an entry's create stands. Written by `increase` (queued) and the create task.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Phase {
+enum Create {
     /// Waiting for a create slot; nothing exists in the cloud.
     Queued,
-    Creating,
-    Running,
-    Deleting,
-    Failed(CreateFailure),
+    /// The driver's create call is running.
+    InFlight,
+    /// The create returned the machine, or a listing found it (created by an earlier process).
+    Done,
+    /// The create failed at `at`. Reported with its error, whatever listings say, until
+    /// cluster-autoscaler deletes it or [`FAILED_CREATE_RETENTION`] passes.
+    Failed { failure: CreateFailure, at: Instant },
+}
+
+/// Where an entry's delete stands. Written by `DeleteNodes`/`DecreaseTargetSize` (wanted, in
+/// flight), the create task (wanted to in flight), listings (wanted or retry to in flight) and the
+/// delete task (retry, or the entry is removed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Delete {
+    No,
+    /// Wanted, but nothing to call the cloud with yet: the create is still running, or it failed
+    /// and only a listing can tell whether the cloud kept anything.
+    Wanted,
+    /// A delete task owns it (marking, waiting for a slot, or calling the cloud).
+    InFlight,
+    /// The last attempt failed; a listing that still finds the machine tries again, one that
+    /// does not ends it.
+    Retry,
 }
 
 /// One machine, requested or real.
 #[derive(Debug)]
 struct Entry {
     provider_id: String,
-    /// The cloud's id, once known.
+    /// The cloud's id, once a create returned or a listing found it.
     cloud_id: Option<String>,
-    phase: Phase,
-    /// Seen in a listing or returned by a create: something exists in the cloud.
-    in_cloud: bool,
-    /// A create task for this name is running (queued or calling the cloud).
-    create_in_flight: bool,
-    /// cluster-autoscaler asked for it to go; the create task deletes it when it returns.
-    delete_requested: bool,
-    delete_in_flight: bool,
-    /// When the cloud last vouched for this entry (listing start or create return).
+    /// The cloud's last word (listing or create answer); `None` until it has said anything.
+    cloud: Option<MachineState>,
+    create: Create,
+    delete: Delete,
+    /// When this process last learnt something about the entry (created it, heard from its
+    /// create, or a listing started): a listing started earlier cannot overrule it.
     confirmed_at: Instant,
 }
 
 impl Entry {
+    fn new(provider_id: String, create: Create, now: Instant) -> Entry {
+        Entry { provider_id, cloud_id: None, cloud: None, create, delete: Delete::No, confirmed_at: now }
+    }
+
+    fn phase(&self) -> InstancePhase<'_> {
+        if self.delete != Delete::No {
+            return InstancePhase::Deleting;
+        }
+        match &self.create {
+            Create::Queued | Create::InFlight => InstancePhase::Creating,
+            Create::Failed { failure, .. } => InstancePhase::Failed(failure),
+            Create::Done => match &self.cloud {
+                Some(MachineState::Running) => InstancePhase::Running,
+                Some(MachineState::Creating) | None => InstancePhase::Creating,
+                Some(MachineState::Deleting) => InstancePhase::Deleting,
+                Some(MachineState::Failed(f)) => InstancePhase::Failed(f),
+            },
+        }
+    }
+
     fn counts_toward_target(&self) -> bool {
-        self.phase != Phase::Deleting
+        self.phase() != InstancePhase::Deleting
+    }
+
+    fn create_running(&self) -> bool {
+        matches!(self.create, Create::Queued | Create::InFlight)
+    }
+
+    fn machine(&self, group: &str, name: &str) -> MachineRef {
+        MachineRef {
+            group: group.to_owned(),
+            name: name.to_owned(),
+            id: self.cloud_id.clone().unwrap_or_else(|| name.to_owned()),
+        }
     }
 }
 
@@ -133,7 +209,7 @@ impl Entry {
 struct GroupState {
     /// Keyed by machine name (unique per group: Flotilla chose it).
     entries: BTreeMap<String, Entry>,
-    /// provider id -> when its delete finished.
+    /// provider id -> when its delete finished (or the cloud stopped listing it).
     tombstones: HashMap<String, Instant>,
     /// Machines whose delete returned but that the cloud has not yet shown gone (clouds with
     /// `node_cleanup` only): machine name -> (provider id, when the delete returned). A listing
@@ -162,18 +238,25 @@ impl Inner {
         }
     }
 
+    /// Removes an entry for good: its provider id is tombstoned, so a repeated delete of it is
+    /// a no-op.
     fn remove(&mut self, g: usize, name: &str) -> Option<Entry> {
         let entry = self.groups[g].entries.remove(name)?;
         self.index.remove(&entry.provider_id);
+        self.groups[g].tombstones.insert(entry.provider_id.clone(), Instant::now());
         Some(entry)
     }
 
     fn set_provider_id(&mut self, g: usize, name: &str, provider_id: String) {
         let Some(entry) = self.groups[g].entries.get_mut(name) else { return };
         if entry.provider_id != provider_id {
-            self.index.remove(&entry.provider_id);
-            self.index.insert(provider_id.clone(), (g, name.to_owned()));
-            entry.provider_id = provider_id;
+            let old = std::mem::replace(&mut entry.provider_id, provider_id.clone());
+            if entry.delete != Delete::No {
+                // cluster-autoscaler may repeat the delete under the id it was told first.
+                self.groups[g].tombstones.insert(old.clone(), Instant::now());
+            }
+            self.index.remove(&old);
+            self.index.insert(provider_id, (g, name.to_owned()));
         }
     }
 }
@@ -208,9 +291,16 @@ pub struct Cloud {
     pub groups: Vec<usize>,
     creates: Arc<Semaphore>,
     deletes: Arc<Semaphore>,
+    /// Bounds `mark_deleting` calls apart from `deletes`, so marks never wait behind slow deletes.
+    marks: Arc<Semaphore>,
     /// Serialises listings of this cloud, so concurrent Refreshes share one.
     listing: tokio::sync::Mutex<()>,
     health: Mutex<CloudHealth>,
+    /// Set by the first listing applied: until then the cloud's machines, and so every size of
+    /// its groups, are unknown. Written by `reconcile_cloud`, read by every sizing RPC.
+    listed: AtomicBool,
+    /// Wakes the callers of [`Fleet::wait_listed`] when `listed` is set.
+    listed_notify: tokio::sync::Notify,
 }
 
 /// Counts of instances per group and phase, for metrics.
@@ -222,7 +312,8 @@ pub struct PhaseCounts {
     pub failed: usize,
 }
 
-/// A machine the cloud has confirmed gone, whose Node (if any) should go too.
+/// A machine Flotilla deleted that the cloud has confirmed gone, whose Node (if any) should go
+/// too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeGone {
     pub cloud: String,
@@ -245,6 +336,10 @@ pub struct Fleet {
     group_index: HashMap<String, usize>,
     inner: RwLock<Inner>,
     tasks: TaskTracker,
+    /// When this process built the fleet: a listing started before it does not exist.
+    started: Instant,
+    /// Creates and deletes, and their failures, are counted here.
+    metrics: Arc<Metrics>,
     /// The current term: cancelled while this replica may not act (leader election on and the
     /// Lease held by another). Written by [`Fleet::begin_term`] and [`Fleet::end_term`] (the
     /// elector); read by every operation that records intent, and captured by every background
@@ -256,8 +351,6 @@ pub struct Fleet {
     wake: Notify,
     /// Where machines confirmed gone are announced, for Node cleanup (set once at start).
     node_cleanup: OnceLock<mpsc::UnboundedSender<NodeGone>>,
-    /// Creates and deletes, and their failures, are counted here.
-    metrics: Arc<Metrics>,
 }
 
 impl Fleet {
@@ -279,8 +372,11 @@ impl Fleet {
                 groups: Vec::new(),
                 creates: Arc::new(Semaphore::new(c.create_concurrency)),
                 deletes: Arc::new(Semaphore::new(c.delete_concurrency)),
+                marks: Arc::new(Semaphore::new(c.delete_concurrency)),
                 listing: tokio::sync::Mutex::new(()),
                 health: Mutex::new(CloudHealth::default()),
+                listed: AtomicBool::new(false),
+                listed_notify: tokio::sync::Notify::new(),
             })
             .collect();
         let mut groups = Vec::new();
@@ -307,11 +403,12 @@ impl Fleet {
             group_index,
             inner: RwLock::new(inner),
             tasks: TaskTracker::new(),
+            started: Instant::now(),
+            metrics,
             term: Mutex::new(term),
             leader: Mutex::new(None),
             wake: Notify::new(),
             node_cleanup: OnceLock::new(),
-            metrics,
         })
     }
 
@@ -344,7 +441,8 @@ impl Fleet {
     }
 
     /// This replica now holds the Lease: start from nothing and list every cloud at once, so
-    /// the state is rebuilt from the clouds (where it lives), not from a previous term.
+    /// the state is rebuilt from the clouds (where it lives), not from a previous term. Sizes
+    /// wait for that first listing, as after a start.
     pub fn begin_term(&self) {
         {
             let mut term = self.term.lock().unwrap_or_else(|e| e.into_inner());
@@ -359,8 +457,8 @@ impl Fleet {
         self.wake.notify_one();
     }
 
-    /// This replica lost the Lease (or is stopping): every task of the term stops at once and
-    /// the state is dropped, so nothing acts on a picture another replica now owns.
+    /// This replica lost the Lease: every task of the term stops at once and the state is
+    /// dropped, so nothing acts on a picture another replica now owns.
     pub fn end_term(&self) {
         if self.cancel_term() {
             warn!("no longer leading: stopped every create, delete and listing in flight");
@@ -395,10 +493,11 @@ impl Fleet {
         drop(inner);
         for c in &self.clouds {
             *c.health.lock().unwrap_or_else(|e| e.into_inner()) = CloudHealth::default();
+            c.listed.store(false, Ordering::Release);
         }
     }
 
-    /// Spawns a background task of the current term (`term`), which ends it when cancelled.
+    /// Spawns a background task of the term `term`, which ends it when cancelled.
     fn spawn_in_term<F>(&self, term: &CancellationToken, work: F)
     where
         F: Future<Output = ()> + Send + 'static,
@@ -443,7 +542,7 @@ impl Fleet {
 
     /// The index of a group by id.
     pub fn group_index(&self, id: &str) -> Result<usize> {
-        self.group_index.get(id).copied().ok_or_else(|| Error::UnknownGroup(id.to_owned()))
+        self.group_index.get(id).copied().ok_or_else(|| Error::UnknownGroup(untrusted::quote(id)))
     }
 
     /// The group owning a provider id, if Flotilla manages it.
@@ -453,6 +552,55 @@ impl Fleet {
 
     pub fn target_size(&self, g: usize) -> usize {
         self.read().groups[g].target()
+    }
+
+    // === the first listing ===
+
+    /// Whether group `g`'s cloud has been listed since start, so its sizes are known.
+    pub fn is_listed(&self, g: usize) -> bool {
+        self.clouds[self.groups[g].cloud].listed.load(Ordering::Acquire)
+    }
+
+    fn check_listed(&self, g: usize) -> Result<()> {
+        if self.is_listed(g) {
+            Ok(())
+        } else {
+            Err(Error::NotListed { cloud: self.clouds[self.groups[g].cloud].config.name.clone() })
+        }
+    }
+
+    /// Returns once group `g`'s cloud has been listed since start, listing it if no listing is
+    /// under way, or [`Error::NotListed`] after `state.refresh_timeout`. Immediate once the
+    /// first listing landed; only the first calls after a start wait.
+    pub async fn wait_listed(self: &Arc<Self>, g: usize) -> Result<()> {
+        if self.is_listed(g) {
+            return Ok(());
+        }
+        let c = self.groups[g].cloud;
+        let cloud = &self.clouds[c];
+        let listed = cloud.listed_notify.notified();
+        tokio::pin!(listed);
+        listed.as_mut().enable();
+        if self.is_listed(g) {
+            return Ok(());
+        }
+        if cloud.listing.try_lock().is_ok() {
+            let fleet = Arc::clone(self);
+            // Spawned, so a caller that gives up does not cancel the listing half way.
+            tokio::spawn(async move { fleet.refresh_cloud(c, fleet.started).await });
+        }
+        let _ = tokio::time::timeout(self.state_config.refresh_timeout, listed).await;
+        self.check_listed(g)
+    }
+
+    /// [`Fleet::wait_listed`] for every cloud.
+    pub async fn wait_all_listed(self: &Arc<Self>) -> Result<()> {
+        for cloud in &self.clouds {
+            if let Some(&g) = cloud.groups.first() {
+                self.wait_listed(g).await?;
+            }
+        }
+        Ok(())
     }
 
     fn parts<'a>(&'a self, g: usize, name: &'a str, id: &'a str) -> Parts<'a> {
@@ -479,13 +627,7 @@ impl Fleet {
     pub fn for_each_instance(&self, g: usize, mut f: impl FnMut(&str, InstancePhase<'_>)) {
         let inner = self.read();
         for entry in inner.groups[g].entries.values() {
-            let phase = match &entry.phase {
-                Phase::Queued | Phase::Creating => InstancePhase::Creating,
-                Phase::Running => InstancePhase::Running,
-                Phase::Deleting => InstancePhase::Deleting,
-                Phase::Failed(failure) => InstancePhase::Failed(failure),
-            };
-            f(&entry.provider_id, phase);
+            f(&entry.provider_id, entry.phase());
         }
     }
 
@@ -498,11 +640,11 @@ impl Fleet {
             .map(|gs| {
                 let mut c = PhaseCounts::default();
                 for e in gs.entries.values() {
-                    match e.phase {
-                        Phase::Queued | Phase::Creating => c.creating += 1,
-                        Phase::Running => c.running += 1,
-                        Phase::Deleting => c.deleting += 1,
-                        Phase::Failed(_) => c.failed += 1,
+                    match e.phase() {
+                        InstancePhase::Creating => c.creating += 1,
+                        InstancePhase::Running => c.running += 1,
+                        InstancePhase::Deleting => c.deleting += 1,
+                        InstancePhase::Failed(_) => c.failed += 1,
                     }
                 }
                 c
@@ -526,19 +668,23 @@ impl Fleet {
 
     // === scale up ===
 
-    /// Records `delta` new machines and starts creating them in the background.
+    /// Records `delta` new machines and starts creating them in the background. Refused until
+    /// the group's cloud has been listed (see [`Fleet::wait_listed`]): before that, the current
+    /// size is unknown and `max_size` cannot be checked.
     pub fn increase(self: &Arc<Self>, g: usize, delta: i32) -> Result<()> {
         let group = &self.groups[g].config;
         if delta <= 0 {
             return Err(Error::NonPositiveDelta { delta });
         }
+        self.check_listed(g)?;
         let mut inner = self.write();
         let term = self.term();
         if term.is_cancelled() {
             return Err(Error::NotLeader { leader: self.leader() });
         }
         let current = inner.groups[g].target();
-        // i64: current + delta can never overflow, whatever CA sends.
+        // i64: current + delta can never overflow, whatever CA sends. The check comes before
+        // anything is allocated, and config bounds max_size, so delta is bounded here too.
         if current as i64 + i64::from(delta) > i64::from(group.max_size) {
             return Err(Error::AboveMax { group: group.name.clone(), current, delta, max: group.max_size });
         }
@@ -546,17 +692,7 @@ impl Fleet {
         let mut names = Vec::with_capacity(delta as usize);
         for _ in 0..delta {
             let name = self.unique_name(g, &inner);
-            let entry = Entry {
-                provider_id: self.provider_id(g, &name, None),
-                cloud_id: None,
-                phase: Phase::Queued,
-                in_cloud: false,
-                create_in_flight: true,
-                delete_requested: false,
-                delete_in_flight: false,
-                confirmed_at: now,
-            };
-            inner.insert(g, name.clone(), entry);
+            inner.insert(g, name.clone(), Entry::new(self.provider_id(g, &name, None), Create::Queued, now));
             names.push(name);
         }
         drop(inner);
@@ -579,12 +715,12 @@ impl Fleet {
                 return;
             }
             let Some(entry) = inner.groups[g].entries.get_mut(&name) else { return };
-            if entry.delete_requested {
+            if entry.delete != Delete::No {
                 // Cancelled before it started: nothing to create.
                 inner.remove(g, &name);
                 return;
             }
-            entry.phase = Phase::Creating;
+            entry.create = Create::InFlight;
         }
         debug!(group = %group.config.name, %name, "creating machine");
         self.metrics.observe_create(&group.config.name);
@@ -611,43 +747,40 @@ impl Fleet {
                     // Nobody wants it any more (cannot normally happen: deletes of in-flight
                     // creates only mark them). Never leak it.
                     drop(inner);
-                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, &term);
+                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, true, &term);
                     return;
                 };
                 entry.cloud_id = Some(machine.id.clone());
-                entry.in_cloud = true;
-                entry.create_in_flight = false;
+                entry.cloud = Some(machine.state.clone());
+                entry.create = Create::Done;
                 entry.confirmed_at = now;
-                entry.phase = match &machine.state {
-                    MachineState::Failed(f) => {
-                        self.metrics.observe_create_failure(&group.config.name, f.class);
-                        Phase::Failed(f.clone())
-                    }
-                    MachineState::Running => Phase::Running,
-                    MachineState::Creating => Phase::Creating,
-                    MachineState::Deleting => Phase::Deleting,
-                };
-                let delete = entry.delete_requested;
+                if let MachineState::Failed(f) = &machine.state {
+                    self.metrics.observe_create_failure(&group.config.name, f.class);
+                }
+                let delete = entry.delete == Delete::Wanted;
                 if delete {
-                    entry.phase = Phase::Deleting;
-                    entry.delete_in_flight = true;
+                    entry.delete = Delete::InFlight;
                 }
                 inner.set_provider_id(g, &name, provider_id.clone());
                 drop(inner);
                 info!(group = %group.config.name, %name, %provider_id, "machine created");
                 if delete {
-                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, &term);
+                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, true, &term);
                 }
             }
             Err(e) => {
                 warn!(group = %group.config.name, %name, error = %e, "create failed");
                 self.metrics.observe_create_failure(&group.config.name, e.to_create_failure().class);
                 let Some(entry) = inner.groups[g].entries.get_mut(&name) else { return };
-                entry.create_in_flight = false;
-                if entry.delete_requested && !entry.in_cloud {
-                    inner.remove(g, &name);
-                } else if !entry.delete_requested {
-                    entry.phase = Phase::Failed(e.to_create_failure());
+                entry.create = Create::Failed { failure: e.to_create_failure(), at: now };
+                entry.confirmed_at = now;
+                // A delete wanted meanwhile goes ahead if a listing saw the machine; otherwise
+                // the next listing tells whether the cloud kept anything.
+                if entry.delete == Delete::Wanted && entry.cloud_id.is_some() {
+                    entry.delete = Delete::InFlight;
+                    let (machine, provider_id) = (entry.machine(&group.config.name, &name), entry.provider_id.clone());
+                    drop(inner);
+                    self.spawn_delete(g, machine, provider_id, true, &term);
                 }
             }
         }
@@ -656,41 +789,78 @@ impl Fleet {
     // === scale down ===
 
     /// Deletes the named instances of group `g`: all of them, or (if any is not in the group)
-    /// none. Returns at once; deletes run in the background.
-    pub fn delete_nodes(self: &Arc<Self>, g: usize, provider_ids: &[&str]) -> Result<()> {
+    /// none. Records the deletes, then waits (at most `state.refresh_timeout`) until the cloud
+    /// has recorded them too ([`Driver::mark_deleting`](crate::driver::Driver::mark_deleting)),
+    /// so an accepted delete survives a restart; the deletes themselves run in the background.
+    pub async fn delete_nodes(self: &Arc<Self>, g: usize, provider_ids: &[&str]) -> Result<()> {
+        let (to_delete, term) = self.accept_deletes(g, provider_ids)?;
+        if to_delete.is_empty() {
+            return Ok(());
+        }
+        let mut marked = JoinSet::new();
+        for (machine, provider_id) in to_delete {
+            let (tx, rx) = oneshot::channel();
+            let fleet = Arc::clone(self);
+            let task_term = term.clone();
+            self.spawn_in_term(
+                &term,
+                async move { fleet.delete_one(g, machine, provider_id, Some(tx), task_term).await },
+            );
+            marked.spawn(rx);
+        }
+        let all_marked = async { while marked.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.state_config.refresh_timeout, all_marked).await.is_err() {
+            warn!(
+                group = %self.groups[g].config.name,
+                "the cloud has not recorded every delete yet; they go ahead, but a restart before they finish may forget them"
+            );
+        }
+        Ok(())
+    }
+
+    /// The synchronous half of `DeleteNodes`: checks the request and records the intent.
+    /// Returns the machines whose delete can start now, and the term they belong to.
+    #[allow(clippy::type_complexity, reason = "a private helper's pair of results")]
+    fn accept_deletes(
+        &self,
+        g: usize,
+        provider_ids: &[&str],
+    ) -> Result<(Vec<(MachineRef, String)>, CancellationToken)> {
         let group = &self.groups[g].config;
+        self.check_listed(g)?;
         let mut inner = self.write();
         let term = self.term();
         if term.is_cancelled() {
             return Err(Error::NotLeader { leader: self.leader() });
         }
-        let mut names: Vec<String> = Vec::with_capacity(provider_ids.len());
+        let mut names: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
         let mut foreign = Vec::new();
         for &pid in provider_ids {
             match inner.index.get(pid) {
                 Some((owner, name)) if *owner == g => {
-                    if !names.contains(name) {
+                    if seen.insert(name.clone()) {
                         names.push(name.clone());
                     }
                 }
                 // Already deleted: a repeated request is a no-op.
                 _ if inner.groups[g].tombstones.contains_key(pid) => {}
-                _ => foreign.push(if pid.is_empty() { "<node without providerID>".to_owned() } else { pid.to_owned() }),
+                _ => foreign.push(if pid.is_empty() { "<node without providerID>" } else { pid }),
             }
         }
         if !foreign.is_empty() {
-            return Err(Error::NotInGroup { group: group.name.clone(), nodes: foreign });
+            return Err(Error::NotInGroup { group: group.name.clone(), nodes: quote_ids(&foreign) });
         }
         let state = &inner.groups[g];
         let target = state.target();
         let leaving: Vec<&Entry> =
             names.iter().filter_map(|n| state.entries.get(n)).filter(|e| e.counts_toward_target()).collect();
         // Failed creates never were capacity: removing them is always allowed.
-        let real = leaving.iter().filter(|e| !matches!(e.phase, Phase::Failed(_))).count();
-        if real > 0 && (target - leaving.len()) < group.min_size as usize {
+        let real = leaving.iter().filter(|e| !matches!(e.phase(), InstancePhase::Failed(_))).count();
+        if real > 0 && target - leaving.len() < group.min_size as usize {
             return Err(Error::BelowMin {
                 group: group.name.clone(),
-                deleting: leaving.len(),
+                removing: leaving.len(),
                 target,
                 min: group.min_size,
             });
@@ -698,55 +868,101 @@ impl Fleet {
         let mut to_delete = Vec::new();
         for name in names {
             let Some(entry) = inner.groups[g].entries.get_mut(&name) else { continue };
-            if entry.phase == Phase::Deleting {
-                continue;
+            if entry.delete != Delete::No {
+                continue; // already being deleted
             }
-            if entry.in_cloud {
-                entry.phase = Phase::Deleting;
-                entry.delete_requested = true;
-                entry.delete_in_flight = true;
-                let id = entry.cloud_id.clone().unwrap_or_else(|| name.clone());
-                to_delete.push((
-                    MachineRef { group: group.name.clone(), name: name.clone(), id },
-                    entry.provider_id.clone(),
-                ));
-            } else if entry.create_in_flight && entry.phase == Phase::Creating {
+            match entry.create {
+                Create::Queued => {
+                    // The create task will find it gone.
+                    inner.remove(g, &name);
+                }
                 // The create task deletes it when the cloud returns it.
-                entry.phase = Phase::Deleting;
-                entry.delete_requested = true;
-            } else {
-                // Queued (the task will find it gone) or a failed create with nothing in the cloud.
-                inner.remove(g, &name);
+                Create::InFlight => entry.delete = Delete::Wanted,
+                // A failed create no listing has seen: the next listing tells whether the cloud
+                // kept anything to delete.
+                Create::Failed { .. } if entry.cloud_id.is_none() => entry.delete = Delete::Wanted,
+                Create::Failed { .. } | Create::Done => {
+                    entry.delete = Delete::InFlight;
+                    to_delete.push((entry.machine(&group.name, &name), entry.provider_id.clone()));
+                }
             }
         }
         drop(inner);
         info!(group = %group.name, count = provider_ids.len(), "deleting nodes");
-        for (machine, provider_id) in to_delete {
-            self.spawn_delete(g, machine, provider_id, &term);
-        }
-        Ok(())
+        Ok((to_delete, term))
     }
 
-    fn spawn_delete(self: &Arc<Self>, g: usize, machine: MachineRef, provider_id: String, term: &CancellationToken) {
+    /// Starts a background delete. `mark` first records the delete in the cloud (not needed when
+    /// a listing already shows the machine being deleted).
+    fn spawn_delete(
+        self: &Arc<Self>,
+        g: usize,
+        machine: MachineRef,
+        provider_id: String,
+        mark: bool,
+        term: &CancellationToken,
+    ) {
         let fleet = Arc::clone(self);
         let task_term = term.clone();
-        self.spawn_in_term(term, async move { fleet.delete_one(g, machine, provider_id, task_term).await });
+        self.spawn_in_term(term, async move {
+            if mark {
+                let (tx, _) = oneshot::channel();
+                fleet.delete_one(g, machine, provider_id, Some(tx), task_term).await
+            } else {
+                fleet.delete_one(g, machine, provider_id, None, task_term).await
+            }
+        });
     }
 
-    async fn delete_one(self: Arc<Self>, g: usize, machine: MachineRef, provider_id: String, term: CancellationToken) {
+    /// Marks (when `marked` is given, which it then signals) and deletes one machine, and
+    /// writes the outcome: the entry removed, or [`Delete::Retry`].
+    async fn delete_one(
+        self: Arc<Self>,
+        g: usize,
+        machine: MachineRef,
+        provider_id: String,
+        marked: Option<oneshot::Sender<()>>,
+        term: CancellationToken,
+    ) {
         let cloud = &self.clouds[self.groups[g].cloud];
-        let Ok(_permit) = Arc::clone(&cloud.deletes).acquire_owned().await else { return };
-        let result = match tokio::time::timeout(cloud.config.delete_timeout, cloud.driver.delete(&machine)).await {
-            Ok(r) => r,
-            Err(_) => {
-                Err(driver::Error::Timeout(format!("delete did not finish within {:?}", cloud.config.delete_timeout)))
+        let timeout = cloud.config.delete_timeout;
+        let mut result = None;
+        if let Some(marked) = marked {
+            let mark = async {
+                let Ok(_permit) = Arc::clone(&cloud.marks).acquire_owned().await else { return Ok(()) };
+                match tokio::time::timeout(timeout, cloud.driver.mark_deleting(&machine)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(driver::Error::Timeout(format!("marking did not finish within {timeout:?}"))),
+                }
+            };
+            match mark.await {
+                Ok(()) => {}
+                // Gone already: as good as deleted.
+                Err(e @ driver::Error::NotFound(_)) => result = Some(Err(e)),
+                Err(e) => warn!(
+                    group = %machine.group, name = %machine.name, error = %e,
+                    "cannot mark the machine as being deleted; deleting it anyway, but a restart before the delete \
+                     finishes will not know it was wanted"
+                ),
+            }
+            let _ = marked.send(());
+        }
+        let result = match result {
+            Some(r) => r,
+            None => {
+                let Ok(_permit) = Arc::clone(&cloud.deletes).acquire_owned().await else { return };
+                let result = match tokio::time::timeout(timeout, cloud.driver.delete(&machine)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(driver::Error::Timeout(format!("delete did not finish within {timeout:?}"))),
+                };
+                let failure = match &result {
+                    Ok(()) | Err(driver::Error::NotFound(_)) => None,
+                    Err(e) => Some(e.kind()),
+                };
+                self.metrics.observe_delete(&machine.group, failure);
+                result
             }
         };
-        let failure = match &result {
-            Ok(()) | Err(driver::Error::NotFound(_)) => None,
-            Err(e) => Some(e.kind()),
-        };
-        self.metrics.observe_delete(&machine.group, failure);
         let mut inner = self.write();
         if term.is_cancelled() {
             return;
@@ -754,68 +970,77 @@ impl Fleet {
         match result {
             Ok(()) => {
                 info!(group = %machine.group, name = %machine.name, %provider_id, "machine deleted");
-                inner.remove(g, &machine.name);
-                let now = Instant::now();
+                if inner.remove(g, &machine.name).is_none() {
+                    inner.groups[g].tombstones.insert(provider_id.clone(), Instant::now());
+                }
                 if cloud.config.node_cleanup {
                     // Its Node goes once a listing confirms the machine gone.
-                    inner.groups[g].awaiting_gone.insert(machine.name.clone(), (provider_id.clone(), now));
+                    inner.groups[g].awaiting_gone.insert(machine.name.clone(), (provider_id, Instant::now()));
                 }
-                inner.groups[g].tombstones.insert(provider_id, now);
             }
             Err(driver::Error::NotFound(_)) => {
                 info!(group = %machine.group, name = %machine.name, %provider_id, "machine already gone");
-                inner.remove(g, &machine.name);
-                inner.groups[g].tombstones.insert(provider_id.clone(), Instant::now());
+                if inner.remove(g, &machine.name).is_none() {
+                    inner.groups[g].tombstones.insert(provider_id.clone(), Instant::now());
+                }
                 drop(inner);
                 self.node_gone(g, &machine.name, provider_id);
             }
             Err(e) => {
-                // Stays Deleting; the next reconcile retries.
+                // Stays Deleting; the next listing that still finds it tries again.
                 warn!(group = %machine.group, name = %machine.name, error = %e, "delete failed, will retry");
                 if let Some(entry) = inner.groups[g].entries.get_mut(&machine.name) {
-                    entry.delete_in_flight = false;
+                    entry.delete = Delete::Retry;
                 }
             }
         }
     }
 
-    /// Cancels up to `-delta` machines that are not created yet.
+    /// Cancels up to `-delta` machines that are not created yet, never taking the target below
+    /// `min_size`.
     pub fn decrease(&self, g: usize, delta: i32) -> Result<()> {
         let group = &self.groups[g].config;
         if delta >= 0 {
             return Err(Error::NonNegativeDelta { delta });
         }
+        self.check_listed(g)?;
         let mut inner = self.write();
         if self.term().is_cancelled() {
             return Err(Error::NotLeader { leader: self.leader() });
         }
         let state = &inner.groups[g];
         // Cheapest first: queued, then failed, then creates still waiting for the cloud.
-        let rank = |e: &Entry| match e.phase {
-            Phase::Queued => Some(0),
-            Phase::Failed(_) if !e.in_cloud => Some(1),
-            Phase::Creating if !e.in_cloud => Some(2),
-            _ => None,
+        let rank = |e: &Entry| match e.create {
+            _ if e.delete != Delete::No || e.cloud.is_some() => None,
+            Create::Queued => Some(0),
+            Create::Failed { .. } => Some(1),
+            Create::InFlight => Some(2),
+            Create::Done => None,
         };
         let mut cancellable: Vec<(u8, String)> =
             state.entries.iter().filter_map(|(n, e)| rank(e).map(|r| (r, n.clone()))).collect();
         let wanted = delta.unsigned_abs() as usize;
+        let target = state.target();
         if wanted > cancellable.len() {
             return Err(Error::WouldRemoveExisting {
                 group: group.name.clone(),
                 delta,
                 cancellable: cancellable.len(),
-                target: state.target(),
+                target,
             });
+        }
+        if (target - wanted) < group.min_size as usize {
+            return Err(Error::BelowMin { group: group.name.clone(), removing: wanted, target, min: group.min_size });
         }
         cancellable.sort();
         for (_, name) in cancellable.into_iter().take(wanted) {
             let entry = inner.groups[g].entries.get_mut(&name).expect("listed above");
-            if entry.phase == Phase::Creating {
-                entry.phase = Phase::Deleting;
-                entry.delete_requested = true;
-            } else {
+            if entry.create == Create::Queued {
                 inner.remove(g, &name);
+            } else {
+                // In flight, or failed with nothing seen in the cloud: deleted once the create
+                // returns or a listing finds it.
+                entry.delete = Delete::Wanted;
             }
         }
         info!(group = %group.name, delta, "decreased target size");
@@ -944,12 +1169,16 @@ impl Fleet {
                 }
             }
         }
-        let mut retry_deletes = Vec::new();
-        let mut gone = Vec::new();
+        let now = Instant::now();
+        // (group, machine, provider id, mark first)
+        let mut deletes: Vec<(usize, MachineRef, String, bool)> = Vec::new();
+        // (group, machine name, provider id) of machines Flotilla deleted that are now gone.
+        let mut gone: Vec<(usize, String, String)> = Vec::new();
         let term = self.term();
         let mut inner = self.write();
         let Inner { groups, index } = &mut *inner;
         for &g in &cloud.groups {
+            let group_name = &self.groups[g].config.name;
             let listed = by_group.remove(&g).unwrap_or_default();
             let state = &mut groups[g];
             state.tombstones.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
@@ -974,55 +1203,88 @@ impl Fleet {
             let mut fresh = BTreeMap::new();
             for m in listed {
                 let provider_id = self.provider_id(g, &m.name, Some(&m.id));
-                if state.tombstones.get(&provider_id).is_some_and(|&at| at > started) {
+                let tombstone = state.tombstones.get(&provider_id).copied();
+                if tombstone.is_some_and(|at| at > started) {
                     continue; // deleted after this listing started
                 }
-                let previous = old.remove(&m.name);
-                if let (Some(p), MachineState::Failed(f)) = (&previous, &m.state)
-                    && !matches!(p.phase, Phase::Failed(_))
-                {
-                    // The cloud gave up on a machine after its create call had returned.
-                    self.metrics.observe_create_failure(&m.group, f.class);
+                if tombstone.is_some() && m.state == MachineState::Deleting && !old.contains_key(&m.name) {
+                    continue; // its delete returned; the cloud is finishing it
                 }
-                let mut phase = match m.state {
-                    MachineState::Creating => Phase::Creating,
-                    MachineState::Running => Phase::Running,
-                    MachineState::Deleting => Phase::Deleting,
-                    MachineState::Failed(f) => Phase::Failed(f),
-                };
-                let (create_in_flight, delete_requested, mut delete_in_flight) = previous
-                    .as_ref()
-                    .map(|p| (p.create_in_flight, p.delete_requested, p.delete_in_flight))
-                    .unwrap_or_default();
-                if delete_requested {
-                    phase = Phase::Deleting;
-                    if !delete_in_flight && !create_in_flight {
-                        delete_in_flight = true;
-                        retry_deletes.push((
-                            MachineRef { group: m.group.clone(), name: m.name.clone(), id: m.id.clone() },
-                            provider_id.clone(),
-                        ));
+                let mut entry = match old.remove(&m.name) {
+                    Some(mut e) => {
+                        if let MachineState::Failed(f) = &m.state
+                            && !matches!(e.phase(), InstancePhase::Failed(_))
+                        {
+                            // The cloud gave up on a machine after its create call had returned.
+                            self.metrics.observe_create_failure(&m.group, f.class);
+                        }
+                        // A create that answered after this listing started knows better.
+                        if e.cloud.is_none() || started >= e.confirmed_at {
+                            e.cloud = Some(m.state.clone());
+                            e.confirmed_at = e.confirmed_at.max(started);
+                        }
+                        if e.provider_id != provider_id && e.delete != Delete::No {
+                            // cluster-autoscaler may repeat the delete under the id it was told first.
+                            state.tombstones.insert(std::mem::replace(&mut e.provider_id, provider_id), now);
+                        } else {
+                            e.provider_id = provider_id;
+                        }
+                        e.cloud_id = Some(m.id.clone());
+                        e
                     }
-                } else if create_in_flight && phase == Phase::Running {
-                    // The driver is still working on it (e.g. joining the cluster).
-                    phase = Phase::Creating;
-                }
-                let entry = Entry {
-                    provider_id,
-                    cloud_id: Some(m.id),
-                    phase,
-                    in_cloud: true,
-                    create_in_flight,
-                    delete_requested,
-                    delete_in_flight,
-                    confirmed_at: started,
+                    // Created by an earlier process (or by this one, deleted, and still there).
+                    None => Entry {
+                        cloud_id: Some(m.id.clone()),
+                        cloud: Some(m.state.clone()),
+                        // A machine whose delete already finished once is still wanted gone.
+                        delete: if tombstone.is_some() { Delete::Wanted } else { Delete::No },
+                        ..Entry::new(provider_id, Create::Done, started)
+                    },
                 };
+                if let Create::Failed { at, .. } = entry.create
+                    && entry.delete == Delete::No
+                    && now.duration_since(at) >= FAILED_CREATE_RETENTION
+                {
+                    // Nobody deleted it in time: from now on it is what the cloud says it is.
+                    entry.create = Create::Done;
+                }
+                let cloud_deleting = m.state == MachineState::Deleting;
+                let start_delete = match entry.delete {
+                    Delete::Wanted | Delete::Retry => !entry.create_running(),
+                    // Marked by a process that died before its delete finished (or being
+                    // deleted by the cloud anyway): finish the job. A failed create waits for
+                    // cluster-autoscaler, which must hear of the failure.
+                    Delete::No => cloud_deleting && entry.create == Create::Done,
+                    Delete::InFlight => false,
+                };
+                if start_delete {
+                    entry.delete = Delete::InFlight;
+                    deletes.push((g, entry.machine(group_name, &m.name), entry.provider_id.clone(), !cloud_deleting));
+                }
                 fresh.insert(m.name, entry);
             }
             for (name, entry) in old {
                 // Keep what the listing cannot know about yet; drop what the cloud no longer has.
-                if !entry.in_cloud || entry.confirmed_at > started {
+                let keep = entry.create_running()
+                    || entry.confirmed_at > started
+                    || entry.delete == Delete::InFlight
+                    || match entry.create {
+                        Create::Failed { at, .. } => match entry.delete {
+                            Delete::No => now.duration_since(at) < FAILED_CREATE_RETENTION,
+                            _ => false,
+                        },
+                        _ => false,
+                    };
+                if keep {
                     fresh.insert(name, entry);
+                } else {
+                    if entry.delete != Delete::No && entry.cloud_id.is_some() {
+                        // Flotilla wanted it deleted (perhaps an earlier process) and the cloud
+                        // no longer has it: gone.
+                        gone.push((g, name.clone(), entry.provider_id.clone()));
+                    }
+                    // So a late or repeated delete of it is a no-op.
+                    state.tombstones.insert(entry.provider_id, now);
                 }
             }
             for (name, e) in &fresh {
@@ -1031,15 +1293,14 @@ impl Fleet {
             state.entries = fresh;
         }
         drop(inner);
+        if !cloud.listed.swap(true, Ordering::AcqRel) {
+            cloud.listed_notify.notify_waiters();
+        }
         for (g, name, provider_id) in gone {
             self.node_gone(g, &name, provider_id);
         }
-        if term.is_cancelled() {
-            return;
-        }
-        for (machine, provider_id) in retry_deletes {
-            let g = self.group_index[&machine.group];
-            self.spawn_delete(g, machine, provider_id, &term);
+        for (g, machine, provider_id, mark) in deletes {
+            self.spawn_delete(g, machine, provider_id, mark, &term);
         }
     }
 
@@ -1098,6 +1359,16 @@ impl Fleet {
     }
 }
 
+/// Caller-supplied ids for an error message: each quoted and bounded, at most
+/// [`MAX_QUOTED_IDS`] of them.
+fn quote_ids(ids: &[&str]) -> String {
+    let mut out: Vec<String> = ids.iter().take(MAX_QUOTED_IDS).map(|id| untrusted::quote(id)).collect();
+    if ids.len() > MAX_QUOTED_IDS {
+        out.push(format!("and {} more", ids.len() - MAX_QUOTED_IDS));
+    }
+    out.join(", ")
+}
+
 async fn futures_join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
     for h in handles {
         let _ = h.await;
@@ -1105,72 +1376,4 @@ async fn futures_join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::driver::{
-        Driver,
-        simulated::{Settings, Simulated},
-    };
-
-    fn fleet() -> (Arc<Fleet>, Arc<Simulated>) {
-        let text =
-            "cluster_name = \"t\"\n[clouds.sim]\ndriver = \"simulated\"\n[groups.g]\ncloud = \"sim\"\nmax_size = 5\n";
-        let config = Config::parse(text, "test", std::path::Path::new(".")).unwrap();
-        let sim = Arc::new(Simulated::new("t", Settings::default()).unwrap());
-        (Fleet::new(&config, vec![Arc::clone(&sim) as SharedDriver]), sim)
-    }
-
-    /// (provider id, phase name) of every instance of the only group.
-    fn ids(f: &Fleet) -> Vec<(String, &'static str)> {
-        let mut out = Vec::new();
-        f.for_each_instance(0, |id, phase| {
-            let name = match phase {
-                InstancePhase::Creating => "creating",
-                InstancePhase::Running => "running",
-                InstancePhase::Deleting => "deleting",
-                InstancePhase::Failed(_) => "failed",
-            };
-            out.push((id.to_owned(), name));
-        });
-        out
-    }
-
-    #[tokio::test]
-    async fn a_listing_older_than_a_finished_create_does_not_drop_the_machine() {
-        let (f, sim) = fleet();
-        let stale_listing_started = Instant::now();
-        let stale = sim.list().await.unwrap(); // empty: taken before the create
-        f.increase(0, 1).unwrap();
-        f.tasks().close();
-        f.tasks().wait().await;
-        f.reconcile_cloud(0, stale, stale_listing_started);
-        assert_eq!(f.target_size(0), 1);
-        assert_eq!(ids(&f)[0].1, "running");
-        // A listing taken after the create sees it too.
-        f.reconcile_cloud(0, sim.list().await.unwrap(), Instant::now());
-        assert_eq!(f.target_size(0), 1);
-    }
-
-    #[tokio::test]
-    async fn a_listing_older_than_a_finished_delete_does_not_bring_the_machine_back() {
-        let (f, sim) = fleet();
-        f.increase(0, 2).unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        f.reconcile_cloud(0, sim.list().await.unwrap(), Instant::now());
-        let victim = ids(&f)[0].0.clone();
-        let stale_listing_started = Instant::now();
-        let stale = sim.list().await.unwrap(); // still has the victim
-        f.delete_nodes(0, &[&victim]).unwrap();
-        f.tasks().close();
-        f.tasks().wait().await;
-        f.reconcile_cloud(0, stale, stale_listing_started);
-        assert_eq!(f.target_size(0), 1);
-        assert!(ids(&f).iter().all(|(id, _)| *id != victim));
-        assert_eq!(f.group_of(&victim), None);
-        // A machine that vanished from the cloud on its own is dropped by the next listing.
-        let survivor = ids(&f)[0].0.clone();
-        f.reconcile_cloud(0, Vec::new(), Instant::now());
-        assert_eq!(f.target_size(0), 0);
-        assert_eq!(f.group_of(&survivor), None);
-    }
-}
+mod tests;

@@ -240,6 +240,9 @@ impl Metrics {
 
     /// Renders the text exposition format, with instance gauges read from the fleet now.
     pub fn render(&self, fleet: &Fleet) -> String {
+        // Held from the clear to the encode: a concurrent scrape must never see the instance
+        // gauges half refilled.
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         self.instances.clear();
         for (group, counts) in fleet.groups.iter().zip(fleet.phase_counts()) {
             for (state, n) in [
@@ -254,7 +257,6 @@ impl Metrics {
         self.ready.set(i64::from(fleet.ready()));
         self.leader.set(i64::from(fleet.leading()));
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String cannot fail");
         out
     }

@@ -16,7 +16,7 @@ import yaml
 
 SECRET_KEYS = {
     "password", "token_secret", "join_token", "k3s_token", "application_credential_secret",
-    "token", "api_key", "api_secret", "client_secret",
+    "token", "api_key", "api_client_id", "api_secret", "client_secret",
 }
 
 problems = []

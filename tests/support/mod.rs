@@ -4,15 +4,13 @@
 
 use std::{future::Future, path::Path, time::Duration};
 
-use flotilla::{
-    Running,
-    config::Config,
-    driver::SharedDriver,
-    proto::externalgrpc::{self as pb, cloud_provider_client::CloudProviderClient},
-};
+use flotilla::{Running, config::Config, driver::SharedDriver, proto::externalgrpc as pb};
 use tonic::transport::Channel;
 
+pub mod faults;
+
 pub type Client = CloudProviderClient<Channel>;
+pub use flotilla::proto::externalgrpc::cloud_provider_client::CloudProviderClient;
 
 /// Parses configuration text; listeners default to ephemeral loopback ports unless the text
 /// sets them.

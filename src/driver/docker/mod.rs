@@ -55,6 +55,18 @@ pub struct DockerDriver {
     dry_run: bool,
     groups: BTreeMap<String, GroupSettings>,
     engine: Engine,
+    /// Names whose create runs in this process. Written by `create`, read by `list`: a
+    /// container still `created` that no create is working on was left by an interrupted one.
+    creating: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Takes a name out of [`DockerDriver::creating`] when its create ends, however it ends.
+struct Creating<'a>(&'a DockerDriver, String);
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.0.creating.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+    }
 }
 
 impl DockerDriver {
@@ -66,7 +78,44 @@ impl DockerDriver {
             dry_run: cloud.dry_run,
             groups,
             engine: Engine::new(cloud.host, cloud.timeout),
+            creating: Default::default(),
         }
+    }
+
+    /// The create itself: make the container, start it (see [`Driver::create`]).
+    async fn create_container(&self, group: &str, name: &str) -> Result<Machine> {
+        let g = self.group(group)?;
+        if self.dry_run {
+            info!(%group, %name, image = %g.image, engine = %self.engine.host(), "dry run: would create container");
+            return Err(Error::InvalidRequest(format!(
+                "dry run: would create container {name} from image {} on docker engine {}; nothing was created",
+                g.image,
+                self.engine.host()
+            )));
+        }
+        let docker = self.engine.client().await?;
+        let options = CreateContainerOptionsBuilder::new().name(name).build();
+        let created = match docker.create_container(Some(options), self.container_body(group, name, g)).await {
+            Ok(created) => created,
+            Err(e) => {
+                return match engine::status(&e) {
+                    Some(409) => self.adopt(docker, group, name).await,
+                    Some(404) => Err(Error::InvalidRequest(format!(
+                        "docker engine {}: cannot create container {name}: {} (Flotilla never pulls images: pull {} \
+                         on the engine first)",
+                        self.engine.host(),
+                        engine::message(&e),
+                        g.image
+                    ))),
+                    _ => Err(self.engine.error(&format!("create container {name}"), e)),
+                };
+            }
+        };
+        for w in &created.warnings {
+            warn!(%group, %name, warning = %w, "docker engine warning");
+        }
+        self.start(docker, name, &created.id).await?;
+        Ok(Machine { group: group.to_owned(), name: name.to_owned(), id: created.id, state: MachineState::Running })
     }
 
     fn group(&self, group: &str) -> Result<&GroupSettings> {
@@ -209,6 +258,19 @@ fn summary_state(state: Option<ContainerSummaryStateEnum>, status: Option<&str>)
     }
 }
 
+/// A container's state in a listing, given whether this process is creating it: a container
+/// still `created` that no create works on was left by a create that was interrupted (Flotilla
+/// killed between creating and starting it), and will never start on its own.
+fn listed_state(state: Option<ContainerSummaryStateEnum>, status: Option<&str>, in_flight: bool) -> MachineState {
+    if state == Some(ContainerSummaryStateEnum::CREATED) && !in_flight {
+        return failed(
+            "INTERRUPTED",
+            "container was created but never started: the create that made it was interrupted".to_owned(),
+        );
+    }
+    summary_state(state, status)
+}
+
 /// A container's state from an inspection (which has the exit code and error as fields).
 fn inspect_state(state: Option<&bollard::models::ContainerState>) -> MachineState {
     use ContainerStateStatusEnum as S;
@@ -258,49 +320,17 @@ impl Driver for DockerDriver {
                 continue;
             };
             let Some(id) = c.id.clone() else { continue };
-            machines.push(Machine {
-                group: group.to_owned(),
-                name,
-                id,
-                state: summary_state(c.state, c.status.as_deref()),
-            });
+            let in_flight = self.creating.lock().unwrap_or_else(|e| e.into_inner()).contains(&name);
+            let state = listed_state(c.state, c.status.as_deref(), in_flight);
+            machines.push(Machine { group: group.to_owned(), name, id, state });
         }
         Ok(machines)
     }
 
     async fn create(&self, group: &str, name: &str) -> Result<Machine> {
-        let g = self.group(group)?;
-        if self.dry_run {
-            info!(%group, %name, image = %g.image, engine = %self.engine.host(), "dry run: would create container");
-            return Err(Error::InvalidRequest(format!(
-                "dry run: would create container {name} from image {} on docker engine {}; nothing was created",
-                g.image,
-                self.engine.host()
-            )));
-        }
-        let docker = self.engine.client().await?;
-        let options = CreateContainerOptionsBuilder::new().name(name).build();
-        let created = match docker.create_container(Some(options), self.container_body(group, name, g)).await {
-            Ok(created) => created,
-            Err(e) => {
-                return match engine::status(&e) {
-                    Some(409) => self.adopt(docker, group, name).await,
-                    Some(404) => Err(Error::InvalidRequest(format!(
-                        "docker engine {}: cannot create container {name}: {} (Flotilla never pulls images: pull {} \
-                         on the engine first)",
-                        self.engine.host(),
-                        engine::message(&e),
-                        g.image
-                    ))),
-                    _ => Err(self.engine.error(&format!("create container {name}"), e)),
-                };
-            }
-        };
-        for w in &created.warnings {
-            warn!(%group, %name, warning = %w, "docker engine warning");
-        }
-        self.start(docker, name, &created.id).await?;
-        Ok(Machine { group: group.to_owned(), name: name.to_owned(), id: created.id, state: MachineState::Running })
+        self.creating.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned());
+        let _creating = Creating(self, name.to_owned());
+        self.create_container(group, name).await
     }
 
     async fn delete(&self, machine: &MachineRef) -> Result<()> {
@@ -387,6 +417,13 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(matches!(summary_state(Some(S::DEAD), None), MachineState::Failed(f) if f.code == "CONTAINER_DEAD"));
+        // A container still `created` is being created only while a create of this process
+        // works on it; otherwise an interrupted create left it, and it will never start.
+        assert_eq!(listed_state(Some(S::CREATED), None, true), MachineState::Creating);
+        assert!(
+            matches!(listed_state(Some(S::CREATED), None, false), MachineState::Failed(f) if f.code == "INTERRUPTED")
+        );
+        assert_eq!(listed_state(Some(S::RUNNING), None, false), MachineState::Running);
     }
 
     fn driver_for(text: &str) -> DockerDriver {

@@ -2,74 +2,50 @@
 //! `script-file`): a minijinja template rendered per machine, or the in-tree provider's
 //! `script-base64` sent as it is.
 //!
-//! The template sees what the OpenStack driver's user-data templates see: `name`, `group`,
-//! `cluster`, `join_url`, `join_token`, and every key of `template_data`, both at the top level
-//! and under `data`.
+//! The template sees what the OpenStack driver's user-data templates see: `join_url`,
+//! `join_token`, and what every boot-script template sees ([`shared`]: `name`, `group`,
+//! `cluster`, every key of `template_data`, both at the top level and under `data`; the filter
+//! `shell_quote`). Reading, checking and rendering the template is [`shared`]'s;
+//! `script_base64` is this module's.
 
-use minijinja::{Environment, UndefinedBehavior};
 use serde_json::{Map, Value};
 
-use crate::config::Secret;
+pub use crate::driver::script::{Error, Target};
+use crate::{
+    config::{Problems, Secret},
+    driver::script::{self as shared, Context, Keys},
+};
 
-/// Keys the template context fills itself; `template_data` may not redefine them.
-pub const RESERVED: &[&str] = &["name", "group", "cluster", "join_url", "join_token", "data"];
+/// Variables this driver adds to [`shared::COMMON`]; `template_data` may not redefine them.
+pub const RESERVED: &[&str] = &["join_url", "join_token"];
 
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot render the init script template: {source}{}",
-    if unknown.is_empty() { String::new() } else { format!("; unknown variables: {}", unknown.join(", ")) }
-)]
-pub struct Error {
-    /// Variables the template uses that its context does not have.
-    unknown: Vec<String>,
-    #[source]
-    source: minijinja::Error,
-}
-
-/// Which machine a script is for.
-#[derive(Clone, Copy, Debug)]
-pub struct Target<'a> {
-    pub cluster: &'a str,
-    pub group: &'a str,
-    pub name: &'a str,
-}
+/// Where a template is configured (`script_base64`, the alternative, is not a template).
+pub const KEYS: Keys = Keys { what: "init script", inline: "script", file: Some("script_file") };
 
 /// A script template and what it is rendered with.
 #[derive(Clone, Debug)]
 pub struct Template {
-    pub text: String,
-    /// Where the text came from, for messages.
-    pub origin: String,
+    pub source: shared::Template,
     pub data: Map<String, Value>,
     pub join_url: Option<String>,
     pub join_token: Option<Secret>,
 }
 
 impl Template {
+    fn context(&self, target: Target<'_>) -> Context {
+        Context::new(target, &self.data)
+            .with("join_url", self.join_url.clone())
+            .with("join_token", self.join_token.as_ref().map(Secret::expose))
+    }
+
     pub fn render(&self, target: Target<'_>) -> Result<String, Error> {
-        let mut env = Environment::new();
-        // A misspelt variable is an error, not an empty string in a node's boot script.
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_keep_trailing_newline(true);
-        let mut ctx = self.data.clone();
-        ctx.insert("data".into(), Value::Object(self.data.clone()));
-        ctx.insert("name".into(), target.name.into());
-        ctx.insert("group".into(), target.group.into());
-        ctx.insert("cluster".into(), target.cluster.into());
-        ctx.insert("join_url".into(), self.join_url.clone().map(Value::from).unwrap_or(Value::Null));
-        ctx.insert(
-            "join_token".into(),
-            self.join_token.as_ref().map(|s| Value::from(s.expose())).unwrap_or(Value::Null),
-        );
-        let template = env
-            .template_from_named_str(&self.origin, &self.text)
-            .map_err(|source| Error { unknown: Vec::new(), source })?;
-        template.render(Value::Object(ctx.clone())).map_err(|source| {
-            let mut unknown: Vec<String> =
-                template.undeclared_variables(false).into_iter().filter(|v| !ctx.contains_key(v)).collect();
-            unknown.sort();
-            Error { unknown, source }
-        })
+        self.source.render(&self.context(target))
+    }
+
+    /// The configuration check: one trial render for `target`; the script, or a problem at the
+    /// template's key.
+    pub fn check(&self, target: Target<'_>, p: &mut Problems) -> Option<String> {
+        self.source.check(&self.context(target), p)
     }
 }
 
@@ -99,8 +75,12 @@ mod tests {
         let mut data = Map::new();
         data.insert("version".into(), "v1.31".into());
         Template {
-            text: text.into(),
-            origin: "script".into(),
+            source: shared::Template {
+                what: KEYS.what,
+                text: text.into(),
+                origin: "script".into(),
+                key_path: "script".into(),
+            },
             data,
             join_url: Some("https://10.0.0.1:6443".into()),
             join_token: Some(Secret::new("K10::server:abc".into())),

@@ -9,12 +9,13 @@
 //! then failed every create (a space in a tag or a disk item: the API takes these lists as one
 //! space-separated string) this module rejects it up front.
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use base64::Engine;
 use serde_json::{Map, Value};
 
 use super::script::{self, Script, Template};
+use crate::driver::script as shared;
 use crate::{
     config::{GroupConfig, Problems, Secret, Section},
     quantity,
@@ -216,8 +217,8 @@ type Field<T> = Option<(T, String)>;
 /// The init script as written in one table.
 #[derive(Clone, Debug)]
 enum ScriptSource {
-    /// `script` (inline) or `script_file`: a template, with where it came from.
-    Template { text: String, origin: String },
+    /// `script` (inline) or `script_file`.
+    Template(shared::Template),
     /// `script_base64`, decoded.
     Fixed(String),
 }
@@ -240,7 +241,7 @@ pub struct Draft {
     password: Field<Secret>,
     ssh_key: Field<String>,
     script: Field<ScriptSource>,
-    template_data: BTreeMap<String, Value>,
+    template_data: Map<String, Value>,
     join_url: Field<String>,
     join_token: Field<Secret>,
     tags: Field<Vec<String>>,
@@ -345,50 +346,21 @@ impl Draft {
                 d.ssh_key = Some((v.trim().to_owned(), at(s, "ssh_key")));
             }
         }
-        let inline = s.string("script", p);
-        let file = s.string("script_file", p);
         let b64 = s.string("script_base64", p);
-        let given = [inline.is_some(), file.is_some(), b64.is_some()].iter().filter(|b| **b).count();
-        if given > 1 {
+        if b64.is_some() && script::KEYS.given(s) {
             p.push(s.path(), "give only one of `script`, `script_file` and `script_base64`");
-        } else if let Some(text) = inline {
-            d.script = Some((ScriptSource::Template { text, origin: at(s, "script") }, at(s, "script")));
-        } else if let Some(file) = file {
-            let path: PathBuf = p.resolve(&file);
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    d.script = Some((
-                        ScriptSource::Template { text, origin: path.display().to_string() },
-                        at(s, "script_file"),
-                    ))
-                }
-                Err(e) => p.push(at(s, "script_file"), format!("cannot read {}: {e}", path.display())),
-            }
+            s.ignore("script");
+            s.ignore("script_file");
         } else if let Some(b64) = b64 {
             match decode_base64(&b64) {
                 Ok(text) => d.script = Some((ScriptSource::Fixed(text), at(s, "script_base64"))),
                 Err(e) => p.push(at(s, "script_base64"), e),
             }
+        } else if let Some(t) = shared::Template::read(s, &script::KEYS, p) {
+            let path = t.key_path.clone();
+            d.script = Some((ScriptSource::Template(t), path));
         }
-        match s.raw("template_data") {
-            None => {}
-            Some(toml::Value::Table(t)) => match serde_json::to_value(t) {
-                Ok(Value::Object(m)) => {
-                    for (k, v) in m {
-                        if script::RESERVED.contains(&k.as_str()) {
-                            p.push(
-                                format!("{}.{k}", at(s, "template_data")),
-                                "is filled in by Flotilla; choose another name",
-                            );
-                        } else {
-                            d.template_data.insert(k, v);
-                        }
-                    }
-                }
-                _ => p.push(at(s, "template_data"), "cannot be used as template data"),
-            },
-            Some(_) => p.push(at(s, "template_data"), "expected a table"),
-        }
+        d.template_data = shared::template_data(s, script::RESERVED, p);
         d.join_url = s.string("join_url", p).map(|v| (v, at(s, "join_url")));
         d.join_token = s.secret("join_token", p).map(|v| (v, at(s, "join_token")));
         if s.contains("tags") {
@@ -521,27 +493,23 @@ impl GroupSettings {
                 }
                 Some(Script::Fixed(text.clone()))
             }
-            Some((ScriptSource::Template { text, origin }, path)) => {
+            Some((ScriptSource::Template(source), path)) => {
                 let t = Template {
-                    text: text.clone(),
-                    origin: origin.clone(),
-                    data: d.template_data.clone().into_iter().collect::<Map<String, Value>>(),
+                    source: source.clone(),
+                    data: d.template_data.clone(),
                     join_url: d.join_url.as_ref().map(|(v, _)| v.clone()),
                     join_token: d.join_token.as_ref().map(|(v, _)| v.clone()),
                 };
                 // A trial render catches syntax errors and misspelt variables before any server
                 // boots with a broken script.
                 let name = format!("{}-check", group.name_prefix);
-                match t.render(script::Target { cluster, group: &group.name, name: &name }) {
-                    Ok(out) if out.trim().is_empty() => {
+                match t.check(script::Target { cluster, group: &group.name, name: &name }, p) {
+                    Some(out) if out.trim().is_empty() => {
                         p.push(path.clone(), "renders to an empty script");
                         None
                     }
-                    Ok(_) => Some(Script::Template(t)),
-                    Err(e) => {
-                        p.push(path.clone(), e.to_string());
-                        None
-                    }
+                    Some(_) => Some(Script::Template(t)),
+                    None => None,
                 }
             }
         };

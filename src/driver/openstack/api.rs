@@ -319,6 +319,13 @@ impl Api {
             .map(|_| ())
     }
 
+    /// `PUT /servers/{id}/metadata/{key}`: sets one metadata item, leaving the others.
+    pub async fn set_server_metadata_item(&self, id: &str, key: &str, value: &str) -> Result<(), Error> {
+        let body = serde_json::json!({ "meta": { key: value } });
+        let path = format!("/servers/{id}/metadata/{key}");
+        self.call(Service::Compute, Method::PUT, &path, &[], Some(&body), Repeat::Safe).await.map(|_| ())
+    }
+
     /// Servers whose name matches exactly (Nova's `name` filter is a regular expression).
     pub async fn servers_named(&self, name: &str) -> Result<Vec<Server>, Error> {
         let page: ServersPage = self

@@ -16,6 +16,14 @@
 //! `GET /servers/detail` keeping only servers with this cluster's mark; `delete` reads the
 //! server first and refuses one whose marks are not this cluster's and group's.
 //!
+//! # Deletes that outlive a restart
+//! `mark_deleting` sets the metadata item `flotilla-deleting = true`
+//! (`PUT /servers/{id}/metadata/flotilla-deleting`, one call) before the delete; `list` reports
+//! a server so marked as Deleting, and the core deletes it again after a restart. Nova refuses
+//! metadata changes while a server is building or in ERROR (409): such a server is deleted
+//! unmarked, and a restart finds it as what it is (Creating, Failed) for cluster-autoscaler to
+//! decide again.
+//!
 //! # Keys
 //! `[clouds.NAME]`: one credentials source — `cloud` (+ optional `clouds_file`),
 //! `credentials_file` (YAML of `OS_*` keys), an inline `auth` table, or (none of these) the
@@ -42,6 +50,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
+use super::script::{self, Template};
 use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape, http};
 use crate::config::{Problems, Section};
 
@@ -57,6 +66,8 @@ use userdata::UserData;
 pub const META_CLUSTER: &str = "flotilla-cluster";
 /// Metadata key naming the node group a server belongs to.
 pub const META_GROUP: &str = "flotilla-group";
+/// Metadata key set on a server Flotilla is deleting (see the module docs).
+pub const META_DELETING: &str = "flotilla-deleting";
 
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_PAGE_SIZE: u32 = 200;
@@ -261,57 +272,17 @@ impl GroupSettings {
         }
         let config_drive = s.boolean("config_drive", p);
         let metadata = s.string_map("metadata", p);
-        for key in [META_CLUSTER, META_GROUP] {
+        for key in [META_CLUSTER, META_GROUP, META_DELETING] {
             if metadata.contains_key(key) {
                 p.push(format!("{}.{key}", s.key_path("metadata")), "is set by Flotilla to mark ownership");
             }
         }
-        let template_file = s.string("user_data_template", p);
-        let template_inline = s.string("user_data", p);
-        let template_data = match s.raw("template_data") {
-            None => serde_json::Map::new(),
-            Some(toml::Value::Table(t)) => match serde_json::to_value(t) {
-                Ok(Value::Object(m)) => m,
-                _ => {
-                    p.push(s.key_path("template_data"), "cannot be used as template data");
-                    serde_json::Map::new()
-                }
-            },
-            Some(_) => {
-                p.push(s.key_path("template_data"), "expected a table");
-                serde_json::Map::new()
-            }
-        };
-        for key in userdata::RESERVED {
-            if template_data.contains_key(*key) {
-                p.push(
-                    format!("{}.{key}", s.key_path("template_data")),
-                    "is filled in by Flotilla; choose another name",
-                );
-            }
-        }
+        let template = Template::read(s, &userdata::KEYS, p);
+        let template_data = script::template_data(s, userdata::RESERVED, p);
         let join_url = s.string("join_url", p);
         let join_token = s.secret("join_token", p);
         let butane = s.boolean("butane", p).unwrap_or(false);
         let butane_binary = s.string("butane_binary", p);
-        let template = match (template_file, template_inline) {
-            (Some(_), Some(_)) => {
-                p.push(s.path(), "give only one of `user_data_template` and `user_data`");
-                None
-            }
-            (Some(file), None) => {
-                let path = p.resolve(&file);
-                match std::fs::read_to_string(&path) {
-                    Ok(t) => Some((t, path.display().to_string())),
-                    Err(e) => {
-                        p.push(s.key_path("user_data_template"), format!("cannot read {}: {e}", path.display()));
-                        None
-                    }
-                }
-            }
-            (None, Some(t)) => Some((t, s.key_path("user_data"))),
-            (None, None) => None,
-        };
         if template.is_none() && (butane || !template_data.is_empty() || join_url.is_some() || join_token.is_some()) {
             p.push(
                 s.path(),
@@ -321,9 +292,8 @@ impl GroupSettings {
         if butane_binary.is_some() && !butane {
             p.push(s.key_path("butane_binary"), "is only used with `butane = true`");
         }
-        let user_data = template.map(|(template, origin)| UserData {
+        let user_data = template.map(|template| UserData {
             template,
-            origin,
             data: template_data,
             join_url,
             join_token,
@@ -333,12 +303,7 @@ impl GroupSettings {
             // A trial render catches syntax errors and misspelt variables before any machine
             // boots with a broken config.
             let name = format!("{cluster}-{group}-check");
-            if let Err(e) = ud.render_template(userdata::Target { cluster, group, name: &name }) {
-                p.push(
-                    s.key_path(if ud.origin.ends_with("user_data") { "user_data" } else { "user_data_template" }),
-                    e.to_string(),
-                );
-            }
+            ud.check(userdata::Target { cluster, group, name: &name }, p);
         }
         if p.items.len() > before {
             return None;
@@ -642,7 +607,7 @@ impl OpenStack {
             return None;
         }
         let group = s.metadata.get(META_GROUP)?.clone();
-        let deleting = s.task_state.as_deref() == Some("deleting");
+        let deleting = s.task_state.as_deref() == Some("deleting") || s.metadata.contains_key(META_DELETING);
         let state = match s.status.as_str() {
             _ if deleting => MachineState::Deleting,
             "DELETED" | "SOFT_DELETED" => MachineState::Deleting,
@@ -779,6 +744,10 @@ impl Driver for OpenStack {
         self.api.delete_server(&machine.id).await?;
         self.delete_ports(&server.name, &ports).await;
         Ok(())
+    }
+
+    async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
+        Ok(self.api.set_server_metadata_item(&machine.id, META_DELETING, "true").await?)
     }
 
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {

@@ -3,17 +3,22 @@
 //! autoscaler does. Without Butane the rendered text (cloud-init, Ignition JSON, a script) is
 //! passed to Nova as is.
 //!
-//! The template sees `name`, `group`, `cluster`, `join_url`, `join_token`, and every key of
-//! the group's `template_data` table, both at the top level (as the autoscaler's
-//! `butaneConfigData` was) and under `data`.
+//! The template sees `join_url`, `join_token`, and what every boot-script template sees
+//! ([`script`]: `name`, `group`, `cluster`, every key of the group's `template_data` table, both
+//! at the top level, as the autoscaler's `butaneConfigData` was, and under `data`; the filter
+//! `shell_quote`). Reading, checking and rendering the template is [`script`]'s; Butane and
+//! Nova's size limit are this module's.
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
-use minijinja::{Environment, UndefinedBehavior};
 use serde_json::{Map, Value};
 use tokio::io::AsyncWriteExt;
 
-use crate::config::Secret;
+pub use crate::driver::script::Target;
+use crate::{
+    config::{Problems, Secret},
+    driver::script::{self, Context, Keys, Template},
+};
 
 /// Nova's limit on `user_data`, counted after base64 encoding.
 pub const NOVA_USER_DATA_LIMIT: usize = 65_535;
@@ -21,21 +26,16 @@ pub const NOVA_USER_DATA_LIMIT: usize = 65_535;
 /// How long `butane` may take for one machine.
 const BUTANE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Keys the template context fills itself; `template_data` may not redefine them.
-pub const RESERVED: &[&str] = &["name", "group", "cluster", "join_url", "join_token", "data"];
+/// Variables this driver adds to [`script::COMMON`]; `template_data` may not redefine them.
+pub const RESERVED: &[&str] = &["join_url", "join_token"];
+
+/// Where a group's template is configured.
+pub const KEYS: Keys = Keys { what: "user data", inline: "user_data", file: Some("user_data_template") };
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(
-        "cannot render the user data template: {source}{}",
-        if unknown.is_empty() { String::new() } else { format!("; unknown variables: {}", unknown.join(", ")) }
-    )]
-    Render {
-        /// Variables the template uses that its context does not have.
-        unknown: Vec<String>,
-        #[source]
-        source: minijinja::Error,
-    },
+    #[error(transparent)]
+    Render(#[from] script::Error),
     #[error("cannot run butane binary {binary}: {source}")]
     ButaneSpawn {
         binary: String,
@@ -53,10 +53,7 @@ pub enum Error {
 /// One group's user-data recipe.
 #[derive(Clone, Debug)]
 pub struct UserData {
-    /// The template text.
-    pub template: String,
-    /// Where the template came from, for messages.
-    pub origin: String,
+    pub template: Template,
     /// `template_data`, as JSON.
     pub data: Map<String, Value>,
     pub join_url: Option<String>,
@@ -65,45 +62,22 @@ pub struct UserData {
     pub butane: Option<PathBuf>,
 }
 
-/// Which machine the user data is for.
-#[derive(Clone, Copy, Debug)]
-pub struct Target<'a> {
-    pub cluster: &'a str,
-    pub group: &'a str,
-    pub name: &'a str,
-}
-
 impl UserData {
-    /// Renders the template only (no Butane): also how configuration checks it.
-    pub fn render_template(&self, target: Target<'_>) -> Result<String, Error> {
-        let mut env = Environment::new();
-        // A misspelt variable is an error, not an empty string in a node's config.
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_keep_trailing_newline(true);
-        let mut ctx = self.data.clone();
-        ctx.insert("data".into(), Value::Object(self.data.clone()));
-        ctx.insert("name".into(), target.name.into());
-        ctx.insert("group".into(), target.group.into());
-        ctx.insert("cluster".into(), target.cluster.into());
-        ctx.insert("join_url".into(), self.join_url.clone().map(Value::from).unwrap_or(Value::Null));
-        ctx.insert(
-            "join_token".into(),
-            self.join_token.as_ref().map(|s| Value::from(s.expose())).unwrap_or(Value::Null),
-        );
-        let template = env
-            .template_from_named_str(&self.origin, &self.template)
-            .map_err(|source| Error::Render { unknown: Vec::new(), source })?;
-        template.render(Value::Object(ctx.clone())).map_err(|source| {
-            let mut unknown: Vec<String> =
-                template.undeclared_variables(false).into_iter().filter(|v| !ctx.contains_key(v)).collect();
-            unknown.sort();
-            Error::Render { unknown, source }
-        })
+    fn context(&self, target: Target<'_>) -> Context {
+        Context::new(target, &self.data)
+            .with("join_url", self.join_url.clone())
+            .with("join_token", self.join_token.as_ref().map(Secret::expose))
+    }
+
+    /// The configuration check: one trial render of the template (no Butane) for `target`, a
+    /// problem at the template's key if it fails.
+    pub fn check(&self, target: Target<'_>, p: &mut Problems) {
+        self.template.check(&self.context(target), p);
     }
 
     /// The user data of one machine, ready for Nova (not yet base64-encoded).
     pub async fn render(&self, target: Target<'_>) -> Result<String, Error> {
-        let text = self.render_template(target)?;
+        let text = self.template.render(&self.context(target))?;
         let text = match &self.butane {
             Some(binary) => butane(binary, &text).await?,
             None => text,

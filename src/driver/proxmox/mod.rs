@@ -13,7 +13,14 @@
 //! name starts with a group's name prefix, not being created by this process, and not read
 //! before (answers are cached by VMID and name): normally zero calls.
 //!
+//! # Deletes that outlive a restart
+//! `mark_deleting` adds the tag `flotilla-deleting` (one `/cluster/resources` read, one
+//! `PUT .../config`) before the delete stops and destroys the VM; `list` reports a VM so tagged
+//! as Deleting, and a restarted Flotilla destroys it. PVE refuses config changes to a locked VM
+//! (a clone in progress): such a VM is deleted unmarked.
+//!
 //! # States reported
+//! * tagged `flotilla-deleting` → Deleting.
 //! * tagged and `running` → Running (the core keeps it Creating while `create` runs).
 //! * tagged or marked, not running, not being created by this process → Failed: a create that
 //!   was interrupted (Flotilla crashed or restarted mid-create) or a VM someone stopped.
@@ -47,6 +54,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::script::{self, Context, Keys, Template};
 use super::{CreateFailure, Driver, Error, ErrorClass, Machine, MachineRef, MachineState, Result, Shape, http};
 use crate::config::{Problems, Section};
 
@@ -58,8 +66,13 @@ use ippool::IpPool;
 
 const TAG_CLUSTER: &str = "flotilla-c-";
 const TAG_GROUP: &str = "flotilla-g-";
+/// Set on a VM Flotilla is deleting, so the delete outlives a restart (see the module docs).
+const TAG_DELETING: &str = "flotilla-deleting";
 /// Attempts at a VMID before giving up (each loses only to a concurrent create).
 const VMID_ATTEMPTS: usize = 5;
+/// Where a group's templates are configured (rendered by [`script`], with [`template_context`]).
+const USER_DATA: Keys = Keys { what: "user data", inline: "user_data", file: None };
+const JOIN_COMMAND: Keys = Keys { what: "join command", inline: "join_command", file: None };
 
 /// Keys of `[clouds.NAME]`.
 #[derive(Clone, Debug)]
@@ -95,13 +108,13 @@ pub struct GroupSettings {
     pub ip_pool: Option<IpPool>,
     pub nameservers: Vec<String>,
     pub search_domain: Option<String>,
-    /// minijinja template of the cloud-init user-data, written to `snippets_dir` and referenced
-    /// as `<snippets_storage>:snippets/<file>` (PVE's API cannot upload snippets).
-    pub user_data: Option<String>,
+    /// Template of the cloud-init user-data, written to `snippets_dir` and referenced as
+    /// `<snippets_storage>:snippets/<file>` (PVE's API cannot upload snippets).
+    pub user_data: Option<Template>,
     pub snippets_dir: Option<PathBuf>,
     pub snippets_storage: Option<String>,
-    /// minijinja template of the shell command that joins the node, run through the agent.
-    pub join_command: Option<String>,
+    /// Template of the shell command that joins the node, run through the agent.
+    pub join_command: Option<Template>,
     pub agent_timeout: Duration,
 }
 
@@ -205,7 +218,7 @@ impl CloudSettings {
 }
 
 impl GroupSettings {
-    pub fn parse(group: &str, s: &mut Section<'_>, p: &mut Problems) -> Option<GroupSettings> {
+    pub fn parse(cluster: &str, group: &str, s: &mut Section<'_>, p: &mut Problems) -> Option<GroupSettings> {
         if !is_tag_safe(group) {
             p.push(s.path().to_owned(), "the proxmox driver needs group names of lower-case letters, digits, '-', '_', '.' (they become VM tags)");
         }
@@ -260,22 +273,24 @@ impl GroupSettings {
         };
         let nameservers = s.string_list("nameservers", p);
         let search_domain = s.string("search_domain", p);
-        let user_data = s.string("user_data", p);
+        let user_data = Template::read(s, &USER_DATA, p);
         let snippets_dir = s.string("snippets_dir", p).map(|d| p.resolve(&d));
         let snippets_storage = s.string("snippets_storage", p);
         if user_data.is_some() != (snippets_dir.is_some() && snippets_storage.is_some()) {
             p.push(s.key_path("user_data"), "user_data, snippets_dir and snippets_storage go together");
         }
-        if let Some(text) = &user_data
-            && let Err(e) = minijinja::Environment::new().template_from_str(text)
-        {
-            p.push(s.key_path("user_data"), format!("is not a valid template: {e}"));
-        }
-        let join_command = s.string("join_command", p);
-        if let Some(text) = &join_command
-            && let Err(e) = minijinja::Environment::new().template_from_str(text)
-        {
-            p.push(s.key_path("join_command"), format!("is not a valid template: {e}"));
+        let join_command = Template::read(s, &JOIN_COMMAND, p);
+        // A trial render catches syntax errors and misspelt variables before any VM is made
+        // with a broken snippet or join command.
+        let name = format!("{cluster}-{group}-check");
+        let trial = template_context(
+            script::Target { cluster, group, name: &name },
+            100,
+            nodes.first().map_or("pve", String::as_str),
+            ip_pool.as_ref().map(|pool| pool.first),
+        );
+        for template in [&user_data, &join_command].into_iter().flatten() {
+            template.check(&trial, p);
         }
         let agent_timeout = s.duration("agent_timeout", p).unwrap_or(Duration::from_secs(600));
         Some(GroupSettings {
@@ -298,6 +313,15 @@ impl GroupSettings {
             agent_timeout,
         })
     }
+}
+
+/// The variables of `user_data` and `join_command`: `vmid`, `node`, `ip` (empty with DHCP), and
+/// what every template sees ([`script::Context`]; Proxmox groups have no `template_data`).
+fn template_context(target: script::Target<'_>, vmid: u32, node: &str, ip: Option<Ipv4Addr>) -> Context {
+    Context::new(target, &serde_json::Map::new())
+        .with("vmid", vmid.to_string())
+        .with("node", node)
+        .with("ip", ip.map(|i| i.to_string()).unwrap_or_default())
 }
 
 /// One VM of `/cluster/resources`.
@@ -507,7 +531,7 @@ pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<supe
     let mut groups = HashMap::new();
     let mut prefixes = Vec::new();
     for g in &mut setup.groups {
-        if let Some(s) = GroupSettings::parse(&g.config.name, &mut g.machine, p) {
+        if let Some(s) = GroupSettings::parse(setup.cluster, &g.config.name, &mut g.machine, p) {
             groups.insert(g.config.name.clone(), s);
         }
         prefixes.push((g.config.name.clone(), g.config.name_prefix.clone()));
@@ -591,6 +615,28 @@ impl Proxmox {
         let group = description.lines().find_map(|l| l.trim().strip_prefix(&prefix)).map(|g| g.trim().to_owned());
         lock(&self.caches).markers.insert(key, group.clone());
         Ok(group)
+    }
+
+    /// The VM `machine` names, if it is still that machine: the VMID may have been reused since,
+    /// so the name and the marks must match. `what` names the refused action.
+    async fn own_vm(&self, machine: &MachineRef, what: &str) -> Result<Vm> {
+        let vmid: u32 = machine.id.parse().map_err(|_| Error::NotFound(format!("{} is not a VMID", machine.id)))?;
+        let vms: Vec<Vm> = self.resources(Some("vm")).await?.iter().filter_map(Vm::from_json).collect();
+        let Some(vm) = vms.into_iter().find(|v| v.vmid == vmid) else {
+            return Err(Error::NotFound(format!("proxmox VM {vmid}")));
+        };
+        let group = match self.tagged_group(&vm) {
+            Some(g) => Some(g),
+            None if self.looks_like_ours(&vm) => self.marked_group(&vm).await?,
+            None => None,
+        };
+        if vm.template || vm.name != machine.name || group.as_deref() != Some(machine.group.as_str()) {
+            return Err(Error::InvalidRequest(format!(
+                "proxmox VM {vmid} ({}) is not {} of group {}; refusing to {what} it",
+                vm.name, machine.name, machine.group
+            )));
+        }
+        Ok(vm)
     }
 
     fn looks_like_ours(&self, vm: &Vm) -> bool {
@@ -841,11 +887,6 @@ impl Proxmox {
         Ok(id)
     }
 
-    fn render(template: &str, vars: &HashMap<&str, String>) -> Result<String> {
-        let env = minijinja::Environment::new();
-        env.render_str(template, vars).map_err(|e| Error::InvalidRequest(format!("cannot render template: {e}")))
-    }
-
     fn snippet_file(name: &str) -> String {
         format!("flotilla-{name}.yaml")
     }
@@ -1047,13 +1088,8 @@ impl Proxmox {
         settings: &GroupSettings,
     ) -> Result<()> {
         let base = format!("/nodes/{node}/qemu/{vmid}");
-        let mut vars: HashMap<&str, String> = HashMap::new();
-        vars.insert("name", name.to_owned());
-        vars.insert("group", group.to_owned());
-        vars.insert("cluster", self.cluster.clone());
-        vars.insert("vmid", vmid.to_string());
-        vars.insert("node", node.to_owned());
-        vars.insert("ip", ip.map(|i| i.to_string()).unwrap_or_default());
+        let vars = template_context(script::Target { cluster: &self.cluster, group, name }, vmid, node, ip);
+        let render = |t: &Template| t.render(&vars).map_err(|e| Error::InvalidRequest(e.to_string()));
 
         let mut form: Vec<(&str, String)> = vec![
             ("tags", format!("{};{TAG_GROUP}{group}", self.cluster_tag())),
@@ -1091,7 +1127,7 @@ impl Proxmox {
         if let (Some(template), Some(dir), Some(storage)) =
             (&settings.user_data, &settings.snippets_dir, &settings.snippets_storage)
         {
-            let text = Self::render(template, &vars)?;
+            let text = render(template)?;
             let file = Self::snippet_file(name);
             tokio::fs::write(dir.join(&file), text).await.map_err(|e| {
                 Error::Other(format!("cannot write user-data snippet {}: {e}", dir.join(&file).display()))
@@ -1102,7 +1138,7 @@ impl Proxmox {
         let upid = self.api.post(&format!("{base}/status/start"), &[]).await?;
         self.api.wait_answer(&upid, self.cloud.task_timeout).await?;
         if let Some(command) = &settings.join_command {
-            let command = Self::render(command, &vars)?;
+            let command = render(command)?;
             self.join(node, vmid, settings, &command).await?;
         }
         Ok(())
@@ -1125,6 +1161,8 @@ impl Driver for Proxmox {
             .map(|(vm, group)| {
                 let state = if in_flight.contains(&vm.name) {
                     MachineState::Creating
+                } else if vm.tags.iter().any(|t| t == TAG_DELETING) {
+                    MachineState::Deleting
                 } else if vm.status == "running" && self.tagged_group(&vm).is_some() {
                     MachineState::Running
                 } else {
@@ -1160,24 +1198,19 @@ impl Driver for Proxmox {
         result
     }
 
-    async fn delete(&self, machine: &MachineRef) -> Result<()> {
-        let vmid: u32 = machine.id.parse().map_err(|_| Error::NotFound(format!("{} is not a VMID", machine.id)))?;
-        let vms: Vec<Vm> = self.resources(Some("vm")).await?.iter().filter_map(Vm::from_json).collect();
-        let Some(vm) = vms.into_iter().find(|v| v.vmid == vmid) else {
-            return Err(Error::NotFound(format!("proxmox VM {vmid}")));
-        };
-        // The VMID may have been reused since: the name and the marks must match.
-        let group = match self.tagged_group(&vm) {
-            Some(g) => Some(g),
-            None if self.looks_like_ours(&vm) => self.marked_group(&vm).await?,
-            None => None,
-        };
-        if vm.template || vm.name != machine.name || group.as_deref() != Some(machine.group.as_str()) {
-            return Err(Error::InvalidRequest(format!(
-                "proxmox VM {vmid} ({}) is not {} of group {}; refusing to delete it",
-                vm.name, machine.name, machine.group
-            )));
+    async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
+        let vm = self.own_vm(machine, "mark").await?;
+        if vm.tags.iter().any(|t| t == TAG_DELETING) {
+            return Ok(());
         }
+        let tags: Vec<&str> = vm.tags.iter().map(String::as_str).chain([TAG_DELETING]).collect();
+        self.api.put(&format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid), &[("tags", tags.join(";"))]).await?;
+        Ok(())
+    }
+
+    async fn delete(&self, machine: &MachineRef) -> Result<()> {
+        let vm = self.own_vm(machine, "delete").await?;
+        let vmid = vm.vmid;
         match self.destroy(&vm.node, vmid, vm.status != "stopped").await {
             Ok(()) => {}
             Err(Error::NotFound(m)) => return Err(Error::NotFound(m)),

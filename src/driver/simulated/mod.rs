@@ -3,15 +3,20 @@
 //! benchmarks, and a way to try cluster-autoscaler settings without a cloud.
 //!
 //! With `state_file` set, machines are kept in a JSON file and outlive the Flotilla process,
-//! just as a real cloud's do, so a restart finds them again. The file is read again before
-//! every call, so several Flotilla processes on one file see one cloud (as the replicas of a
-//! leader-elected Deployment see one real cloud).
+//! just as a real cloud's do, so a restart finds them again.
 //!
 //! Keys of `[clouds.NAME]` (besides the generic ones):
 //! `create_latency`, `delete_latency`, `list_latency` (durations, default 0), `boot_time`
-//! (how long a new machine reports Creating, default 0), `fail_rate` (0..1, share of creates that
-//! fail), `fail_every` (every Nth create fails), `quota` (machines in the whole simulated cloud,
-//! past which creates fail with OutOfResources), `state_file`.
+//! (how long a new machine reports Creating once its create returned, default 0), `fail_rate`
+//! (0..1, share of creates that fail), `fail_every` (every Nth create fails), `quota` (machines
+//! in the whole simulated cloud, past which creates fail with OutOfResources), `state_file`, and
+//! a `faults` table of injected faults (see [`faults`]).
+//!
+//! Like a real cloud, the simulated one holds a machine from the moment a create is accepted:
+//! the machine is listed as Creating while the create call runs (`create_latency`) and boots on
+//! its own even if the caller goes away. A delete first marks the machine
+//! ([`Driver::mark_deleting`]: listed as Deleting from then on, also in `state_file`), then
+//! removes it after `delete_latency`.
 //!
 //! With `register_nodes = true`, booted machines also register a kwok-managed Node through
 //! the Kubernetes API that `[kubernetes]` names (see [`nodes`]); a group opts out with
@@ -19,6 +24,9 @@
 //! `remove_nodes` (default true) makes the simulated cloud delete the Nodes of machines that
 //! are gone, as a cloud controller manager does; set it to false to see a cluster without one
 //! (and Flotilla's own `node_cleanup`).
+//!
+//! With `state_file`, the file is read again before every call, so several Flotilla processes
+//! on one file see one cloud (as the replicas of a leader-elected Deployment see one real cloud).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -33,7 +41,10 @@ use serde::{Deserialize, Serialize};
 use super::{Driver, Error, Machine, MachineRef, MachineState, Result};
 use crate::config::{Problems, Section};
 
+pub mod faults;
 pub mod nodes;
+
+use faults::{Fault, FaultPlan, Op};
 
 /// Settings of one simulated cloud.
 #[derive(Clone, Debug, Default)]
@@ -46,10 +57,12 @@ pub struct Settings {
     pub fail_every: u64,
     pub quota: Option<usize>,
     pub state_file: Option<PathBuf>,
-    /// Register a Node for each booted machine.
+    /// Register a Node for each booted machine (through `[kubernetes]`).
     pub register_nodes: bool,
     /// Delete the Nodes of machines that are gone, as a cloud controller manager does.
     pub remove_nodes: bool,
+    /// `[faults]`: faults to inject, per operation, in call order.
+    pub faults: Vec<(Op, Fault)>,
 }
 
 impl Settings {
@@ -66,6 +79,14 @@ impl Settings {
             state_file: s.string("state_file", p).map(|f| p.resolve(&f)),
             register_nodes: s.boolean("register_nodes", p).unwrap_or(false),
             remove_nodes: s.boolean("remove_nodes", p).unwrap_or(true),
+            faults: s
+                .section("faults", p)
+                .map(|mut f| {
+                    let plan = FaultPlan::parse(&mut f, p);
+                    f.finish(p);
+                    plan
+                })
+                .unwrap_or_default(),
         };
         if s.contains("kubernetes") {
             s.ignore("kubernetes");
@@ -88,8 +109,18 @@ struct Record {
     cluster: String,
     group: String,
     name: String,
-    /// Unix milliseconds.
+    /// Unix milliseconds: when the create was accepted.
     created_at_ms: u64,
+    /// How long after `created_at_ms` the machine runs (create latency + boot time when it was
+    /// created). Absent in files of older versions: the configured boot time then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ready_after_ms: Option<u64>,
+    /// Marked by `mark_deleting`: listed as Deleting.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    deleting: bool,
+    /// Left behind by a create that failed late and could not clean up: listed as failed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    failed: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -118,6 +149,7 @@ pub struct Simulated {
     /// Creates running now, and the most ever seen at once.
     concurrency: Mutex<(usize, usize)>,
     faults: Mutex<Faults>,
+    plan: FaultPlan,
 }
 
 /// The simulated driver's [`Constructor`](super::Constructor): `[clouds.NAME]` keys, and
@@ -155,7 +187,12 @@ fn now_ms() -> u64 {
 }
 
 fn booted(r: &Record, boot_time: Duration) -> bool {
-    now_ms().saturating_sub(r.created_at_ms) >= boot_time.as_millis() as u64
+    let ready_after = r.ready_after_ms.unwrap_or(boot_time.as_millis() as u64);
+    now_ms().saturating_sub(r.created_at_ms) >= ready_after
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -174,12 +211,19 @@ impl Simulated {
         };
         Ok(Simulated {
             cluster: cluster.to_owned(),
-            settings,
             store: Arc::new(Mutex::new(store)),
             registrar: None,
             creates: Mutex::new(0),
             concurrency: Mutex::new((0, 0)),
             faults: Mutex::new(Faults::default()),
+            plan: {
+                let plan = FaultPlan::default();
+                for &(op, fault) in &settings.faults {
+                    plan.push(op, fault);
+                }
+                plan
+            },
+            settings,
         })
     }
 
@@ -199,6 +243,11 @@ impl Simulated {
         lock(&self.faults).quota_failures = n;
     }
 
+    /// The fault plan: faults to inject into coming calls.
+    pub fn faults(&self) -> &FaultPlan {
+        &self.plan
+    }
+
     /// Adds a machine as if someone else created it (e.g. another cluster, or by hand).
     pub fn insert_foreign(&self, cluster: &str, group: &str, name: &str) {
         let mut store = self.current();
@@ -209,6 +258,9 @@ impl Simulated {
                 group: group.to_owned(),
                 name: name.to_owned(),
                 created_at_ms: now_ms(),
+                ready_after_ms: Some(0),
+                deleting: false,
+                failed: false,
             },
         );
         self.persist(&store);
@@ -219,6 +271,12 @@ impl Simulated {
         let mut store = self.current();
         store.machines.remove(name);
         self.persist(&store);
+    }
+
+    /// Every machine of this cluster as a listing would return it now, without faults or
+    /// latency: what the cloud really holds, for tests to compare with what Flotilla reports.
+    pub fn machines(&self) -> Vec<Machine> {
+        self.current().machines.values().filter(|r| r.cluster == self.cluster).map(|r| self.machine(r)).collect()
     }
 
     /// The most creates that were ever running at once.
@@ -267,13 +325,20 @@ impl Simulated {
     }
 
     fn machine(&self, r: &Record) -> Machine {
-        let booted = booted(r, self.settings.boot_time);
-        Machine {
-            group: r.group.clone(),
-            name: r.name.clone(),
-            id: r.name.clone(),
-            state: if booted { MachineState::Running } else { MachineState::Creating },
-        }
+        let state = if r.failed {
+            MachineState::Failed(super::CreateFailure {
+                class: super::ErrorClass::Other,
+                code: "SIMULATED_FAILURE".into(),
+                message: "simulated machine failed to start".into(),
+            })
+        } else if r.deleting {
+            MachineState::Deleting
+        } else if booted(r, self.settings.boot_time) {
+            MachineState::Running
+        } else {
+            MachineState::Creating
+        };
+        Machine { group: r.group.clone(), name: r.name.clone(), id: r.name.clone(), state }
     }
 
     /// Decides whether this create fails, from the injected faults and the settings.
@@ -307,11 +372,23 @@ impl Driver for Simulated {
     }
 
     async fn list(&self) -> Result<Vec<Machine>> {
-        tokio::time::sleep(self.settings.list_latency).await;
-        self.check_outage()?;
-        let machines = {
-            let store = self.current();
-            store.machines.values().filter(|r| r.cluster == self.cluster).map(|r| self.machine(r)).collect()
+        let machines = match self.plan.next(Op::List) {
+            Fault::Unavailable | Fault::LostResponse => {
+                tokio::time::sleep(self.settings.list_latency).await;
+                return Err(Error::Unavailable("simulated 503 on list".into()));
+            }
+            Fault::Hang | Fault::HangAfter => return faults::hang().await,
+            Fault::Stale => {
+                let then = self.machines();
+                tokio::time::sleep(self.settings.list_latency).await;
+                self.check_outage()?;
+                then
+            }
+            _ => {
+                tokio::time::sleep(self.settings.list_latency).await;
+                self.check_outage()?;
+                self.machines()
+            }
         };
         if let Some(registrar) = &self.registrar {
             let (store, cluster, boot_time) = (Arc::clone(&self.store), self.cluster.clone(), self.settings.boot_time);
@@ -321,7 +398,7 @@ impl Driver for Simulated {
                 store
                     .machines
                     .values()
-                    .filter(|r| r.cluster == cluster && reg.registers(&r.group) && booted(r, boot_time))
+                    .filter(|r| r.cluster == cluster && reg.registers(&r.group) && !r.failed && booted(r, boot_time))
                     .map(|r| nodes::Wanted { group: r.group.clone(), name: r.name.clone() })
                     .collect::<BTreeSet<_>>()
             });
@@ -330,6 +407,42 @@ impl Driver for Simulated {
     }
 
     async fn create(&self, group: &str, name: &str) -> Result<Machine> {
+        let fault = self.plan.next(Op::Create);
+        match fault {
+            Fault::Unavailable => return Err(Error::Unavailable("simulated 503 on create".into())),
+            Fault::Hang => return faults::hang().await,
+            _ => {}
+        }
+        self.check_outage()?;
+        if let Some(e) = self.injected_failure() {
+            return Err(e);
+        }
+        {
+            let mut store = self.current();
+            if let Some(quota) = self.settings.quota.filter(|q| store.machines.len() >= *q) {
+                return Err(Error::OutOfResources(format!(
+                    "quota exceeded: {} of {quota} machines in use",
+                    store.machines.len()
+                )));
+            }
+            if store.machines.contains_key(name) {
+                return Err(Error::InvalidRequest(format!("a machine named {name} already exists")));
+            }
+            // Accepted: from now on the cloud holds the machine, whatever happens to this call.
+            let record = Record {
+                cluster: self.cluster.clone(),
+                group: group.to_owned(),
+                name: name.to_owned(),
+                created_at_ms: now_ms(),
+                ready_after_ms: Some(
+                    millis(self.settings.create_latency).saturating_add(millis(self.settings.boot_time)),
+                ),
+                deleting: false,
+                failed: false,
+            };
+            store.machines.insert(name.to_owned(), record);
+            self.persist(&store);
+        }
         {
             let mut c = lock(&self.concurrency);
             c.0 += 1;
@@ -337,33 +450,74 @@ impl Driver for Simulated {
         }
         tokio::time::sleep(self.settings.create_latency).await;
         lock(&self.concurrency).0 -= 1;
-        self.check_outage()?;
-        if let Some(e) = self.injected_failure() {
-            return Err(e);
-        }
         let mut store = self.current();
-        if let Some(quota) = self.settings.quota.filter(|q| store.machines.len() >= *q) {
-            return Err(Error::OutOfResources(format!(
-                "quota exceeded: {} of {quota} machines in use",
-                store.machines.len()
-            )));
+        match fault {
+            Fault::LostResponse => return Err(Error::Unavailable("simulated: the create's answer was lost".into())),
+            Fault::HangAfter => {
+                drop(store);
+                return faults::hang().await;
+            }
+            Fault::FailLate => {
+                store.machines.remove(name);
+                self.persist(&store);
+                return Err(Error::Other("simulated late failure: the machine did not start".into()));
+            }
+            Fault::FailLateLeaked => {
+                if let Some(r) = store.machines.get_mut(name) {
+                    r.failed = true;
+                }
+                self.persist(&store);
+                return Err(Error::Other(
+                    "simulated late failure: the machine did not start, nor could it be removed".into(),
+                ));
+            }
+            _ => {}
         }
-        if store.machines.contains_key(name) {
-            return Err(Error::InvalidRequest(format!("a machine named {name} already exists")));
+        match store.machines.get(name) {
+            Some(r) => Ok(self.machine(r)),
+            None => Err(Error::Other(format!("machine {name} vanished while being created"))),
         }
-        let record = Record {
-            cluster: self.cluster.clone(),
-            group: group.to_owned(),
-            name: name.to_owned(),
-            created_at_ms: now_ms(),
-        };
-        let machine = self.machine(&record);
-        store.machines.insert(name.to_owned(), record);
-        self.persist(&store);
-        Ok(machine)
+    }
+
+    async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
+        let fault = self.plan.next(Op::Mark);
+        match fault {
+            Fault::Unavailable => return Err(Error::Unavailable("simulated 503 on mark".into())),
+            Fault::Hang => return faults::hang().await,
+            _ => {}
+        }
+        self.check_outage()?;
+        {
+            let mut store = self.current();
+            match store.machines.get_mut(&machine.id) {
+                Some(r) if r.cluster == self.cluster && r.group == machine.group => r.deleting = true,
+                Some(_) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "machine {} is not owned by this cluster and group",
+                        machine.id
+                    )));
+                }
+                None => return Err(Error::NotFound(format!("machine {}", machine.id))),
+            }
+            self.persist(&store);
+        }
+        match fault {
+            Fault::LostResponse => Err(Error::Unavailable("simulated: the mark's answer was lost".into())),
+            Fault::HangAfter => faults::hang().await,
+            _ => Ok(()),
+        }
     }
 
     async fn delete(&self, machine: &MachineRef) -> Result<()> {
+        let fault = self.plan.next(Op::Delete);
+        match fault {
+            Fault::Unavailable => {
+                tokio::time::sleep(self.settings.delete_latency).await;
+                return Err(Error::Unavailable("simulated 503 on delete".into()));
+            }
+            Fault::Hang => return faults::hang().await,
+            _ => {}
+        }
         tokio::time::sleep(self.settings.delete_latency).await;
         self.check_outage()?;
         let removed = {
@@ -389,7 +543,11 @@ impl Driver for Simulated {
                 tracing::warn!(group = %machine.group, node = %machine.name, error = %e, "cannot remove node, will retry");
             }
         }
-        Ok(())
+        match fault {
+            Fault::LostResponse => Err(Error::Unavailable("simulated: the delete's answer was lost".into())),
+            Fault::HangAfter => faults::hang().await,
+            _ => Ok(()),
+        }
     }
 
     async fn check(&self) -> Result<()> {
@@ -413,5 +571,73 @@ mod tests {
         b.create("g", "m2").await.unwrap();
         let names: Vec<_> = a.list().await.unwrap().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["m2"], "a sees what b deleted and created");
+    }
+
+    fn machine(name: &str) -> MachineRef {
+        MachineRef { group: "g".into(), name: name.into(), id: name.into() }
+    }
+
+    #[tokio::test]
+    async fn a_mark_is_kept_in_the_state_file_and_listed_as_deleting_after_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings { state_file: Some(dir.path().join("cloud.json")), ..Settings::default() };
+        let sim = Simulated::new("t", settings.clone()).unwrap();
+        sim.create("g", "a").await.unwrap();
+        sim.create("g", "b").await.unwrap();
+        sim.mark_deleting(&machine("a")).await.unwrap();
+        assert!(matches!(sim.mark_deleting(&machine("gone")).await, Err(Error::NotFound(_))));
+        let reloaded = Simulated::new("t", settings).unwrap();
+        let states: Vec<_> = reloaded.list().await.unwrap().into_iter().map(|m| (m.name, m.state)).collect();
+        assert_eq!(states, [("a".into(), MachineState::Deleting), ("b".into(), MachineState::Running)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_create_holds_its_machine_from_the_start_even_if_the_caller_goes_away() {
+        let settings = Settings { create_latency: Duration::from_secs(60), ..Settings::default() };
+        let sim = Arc::new(Simulated::new("t", settings).unwrap());
+        let create = tokio::spawn({
+            let sim = Arc::clone(&sim);
+            async move { sim.create("g", "a").await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(sim.machines()[0].state, MachineState::Creating);
+        create.abort();
+        assert_eq!(sim.machine_names(), ["a"], "the cloud keeps what it accepted");
+    }
+
+    #[tokio::test]
+    async fn configured_faults_apply_to_calls_in_order() {
+        let table: toml::Table =
+            "[faults]\ncreate = [\"ok\", \"lost_response\", \"fail_late\", \"fail_late_leaked\"]\n\
+                                  delete = [\"unavailable\", \"lost_response\"]\nlist = [\"unavailable\"]\n"
+                .parse()
+                .unwrap();
+        let mut p = Problems::default();
+        let settings = Settings::parse(&mut Section::new("clouds.sim", &table), &mut p);
+        assert!(p.is_empty(), "{p}");
+        let sim = Simulated::new("t", settings).unwrap();
+        assert!(matches!(sim.list().await, Err(Error::Unavailable(_))));
+        assert!(sim.create("g", "a").await.is_ok());
+        assert!(matches!(sim.create("g", "b").await, Err(Error::Unavailable(_))), "answer lost");
+        assert!(matches!(sim.create("g", "c").await, Err(Error::Other(_))), "late failure");
+        assert!(matches!(sim.create("g", "d").await, Err(Error::Other(_))), "late failure, leaked");
+        let states: Vec<_> = sim.list().await.unwrap().into_iter().map(|m| (m.name, m.state)).collect();
+        assert_eq!(states.len(), 3, "{states:?}");
+        assert_eq!(&states[0..2], [("a".into(), MachineState::Running), ("b".into(), MachineState::Running)]);
+        assert!(matches!(states[2], (ref n, MachineState::Failed(_)) if n == "d"));
+        assert!(matches!(sim.delete(&machine("a")).await, Err(Error::Unavailable(_))));
+        assert_eq!(sim.machine_names().len(), 3, "a 503 deletes nothing");
+        assert!(matches!(sim.delete(&machine("a")).await, Err(Error::Unavailable(_))));
+        assert_eq!(sim.machine_names().len(), 2, "a lost answer still deleted it");
+        assert!(matches!(sim.delete(&machine("a")).await, Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn unknown_or_misplaced_faults_are_reported_with_their_key_path() {
+        let table: toml::Table = "[faults]\ncreate = [\"boom\"]\ndelete = [\"fail_late\"]\n".parse().unwrap();
+        let mut p = Problems::default();
+        Settings::parse(&mut Section::new("clouds.sim", &table), &mut p);
+        let paths: Vec<_> = p.items.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["clouds.sim.faults.create[0]", "clouds.sim.faults.delete[0]"]);
     }
 }

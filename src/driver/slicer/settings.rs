@@ -9,12 +9,11 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::userdata::{self, UserData};
 use super::{TAG_CLUSTER, TAG_GROUP, TAG_NAME};
 use crate::config::{GroupConfig, Problems, Secret, Section};
 use crate::driver::http;
+use crate::driver::script::{self, Template};
 
 /// Long enough for a create on a host whose storage copies a whole disk image.
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -205,30 +204,10 @@ impl GroupSettings {
                 p.push(s.key_path("tags"), format!("{t:?}: a name= tag would be shared by every VM of the group"));
             }
         }
-        let template_file = s.string("userdata_template", p);
-        let template_inline = s.string("userdata", p);
-        let template_data = match s.raw("template_data") {
-            None => serde_json::Map::new(),
-            Some(toml::Value::Table(t)) => match serde_json::to_value(t) {
-                Ok(Value::Object(m)) => m,
-                _ => {
-                    p.push(s.key_path("template_data"), "cannot be used as template data");
-                    serde_json::Map::new()
-                }
-            },
-            Some(_) => {
-                p.push(s.key_path("template_data"), "expected a table");
-                serde_json::Map::new()
-            }
-        };
-        for key in userdata::RESERVED {
-            if template_data.contains_key(*key) {
-                p.push(
-                    format!("{}.{key}", s.key_path("template_data")),
-                    "is filled in by Flotilla; choose another name",
-                );
-            }
-        }
+        // The default script unless the group brings its own.
+        let default_script = !userdata::KEYS.given(s);
+        let template = Template::read(s, &userdata::KEYS, p);
+        let template_data = script::template_data(s, userdata::RESERVED, p);
         let k3s_version = s.string("k3s_version", p);
         let k3s_args = s.string_list("k3s_args", p);
         for arg in &k3s_args {
@@ -239,24 +218,6 @@ impl GroupSettings {
                 );
             }
         }
-        let (template, origin, key) = match (template_file, template_inline) {
-            (Some(_), Some(_)) => {
-                p.push(s.path(), "give only one of `userdata_template` and `userdata`");
-                (userdata::DEFAULT_TEMPLATE.to_owned(), "default".to_owned(), "userdata")
-            }
-            (Some(file), None) => {
-                let path = p.resolve(&file);
-                match std::fs::read_to_string(&path) {
-                    Ok(t) => (t, path.display().to_string(), "userdata_template"),
-                    Err(e) => {
-                        p.push(s.key_path("userdata_template"), format!("cannot read {}: {e}", path.display()));
-                        (String::new(), String::new(), "userdata_template")
-                    }
-                }
-            }
-            (None, Some(t)) => (t, s.key_path("userdata"), "userdata"),
-            (None, None) => (userdata::DEFAULT_TEMPLATE.to_owned(), "default userdata".to_owned(), ""),
-        };
         // The agent registers with the template's labels and taints, so the node matches the
         // template cluster-autoscaler plans with.
         let t = &group.template;
@@ -276,7 +237,6 @@ impl GroupSettings {
         }
         let template_path = format!("groups.{}.template.labels", group.name);
         // The default script hands them to the kubelet; a template of the user's own may not.
-        let default_script = key.is_empty();
         for k in labels.keys() {
             if default_script && !userdata::kubelet_may_set(k) {
                 p.push(
@@ -288,17 +248,17 @@ impl GroupSettings {
         }
         let node_labels = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let node_taints = t.taints.iter().map(|x| format!("{}={}:{}", x.key, x.value, x.effect)).collect();
-        let userdata = UserData {
+        let template = template.or_else(|| default_script.then(|| userdata::default_template(s.path())));
+        let userdata = template.map(|template| UserData {
             template,
-            origin,
             data: template_data,
             k3s_version,
             k3s_args,
             node_labels,
             node_taints,
             provider_id: group.provider_id.clone(),
-        };
-        if !userdata.template.is_empty() {
+        });
+        if let Some(userdata) = &userdata {
             // A trial render catches syntax errors and misspelt variables before any VM boots
             // with a broken script.
             let name = format!("{}-check", group.name_prefix);
@@ -311,9 +271,7 @@ impl GroupSettings {
                 k3s_url: "https://k3s.invalid:6443",
                 token_secret: "check",
             };
-            if let Err(e) = userdata.render(trial) {
-                p.push(if key.is_empty() { s.path().to_owned() } else { s.key_path(key) }, e.to_string());
-            }
+            userdata.check(trial, p);
         }
         if p.items.len() > before {
             return None;
@@ -327,7 +285,7 @@ impl GroupSettings {
             ssh_keys,
             import_user,
             tags,
-            userdata,
+            userdata: userdata?,
         })
     }
 }

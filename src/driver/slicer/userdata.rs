@@ -22,12 +22,17 @@
 //! `host_group`, `k3s_url`, `token_file`, `provider_id` (a shell word; needs `NODE_NAME` set to
 //! the hostname), `node_labels` (`key=value` strings), `node_taints` (`key=value:Effect`),
 //! `k3s_version` (or none), `k3s_args`, and the group's `template_data` keys, at the top level
-//! and under `data`. The filter `shell_quote` quotes a string as one shell word.
+//! and under `data`. The filter `shell_quote` quotes a string as one shell word. Reading,
+//! checking and rendering the template is [`script`]'s; the variables and the default script
+//! are this module's.
 
-use minijinja::{Environment, UndefinedBehavior};
 use serde_json::{Map, Value};
 
-use crate::provider_id::{Parts, ProviderIdFormat};
+use crate::{
+    config::Problems,
+    driver::script::{self, Context, Keys, Template, shell_quote},
+    provider_id::{Parts, ProviderIdFormat},
+};
 
 /// Where the Slicer agent puts the secrets a VM was given.
 pub const SECRETS_DIR: &str = "/run/slicer/secrets";
@@ -35,21 +40,12 @@ pub const SECRETS_DIR: &str = "/run/slicer/secrets";
 /// The shell variable the default template stores the hostname in, which `provider_id` expands.
 pub const NODE_NAME_VAR: &str = "NODE_NAME";
 
-/// Keys the template context fills itself; `template_data` may not redefine them.
-pub const RESERVED: &[&str] = &[
-    "name",
-    "group",
-    "cluster",
-    "host_group",
-    "k3s_url",
-    "token_file",
-    "provider_id",
-    "node_labels",
-    "node_taints",
-    "k3s_version",
-    "k3s_args",
-    "data",
-];
+/// Variables this driver adds to [`script::COMMON`]; `template_data` may not redefine them.
+pub const RESERVED: &[&str] =
+    &["host_group", "k3s_url", "token_file", "provider_id", "node_labels", "node_taints", "k3s_version", "k3s_args"];
+
+/// Where a group's own template is configured.
+pub const KEYS: Keys = Keys { what: "userdata", inline: "userdata", file: Some("userdata_template") };
 
 /// The script every VM runs at first boot unless the group brings its own template.
 pub const DEFAULT_TEMPLATE: &str = r#"#!/bin/bash
@@ -86,27 +82,21 @@ sh "$INSTALLER" agent \
 rm -f "$INSTALLER"
 "#;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(
-        "cannot render the userdata template: {source}{}",
-        if unknown.is_empty() { String::new() } else { format!("; unknown variables: {}", unknown.join(", ")) }
-    )]
-    Render {
-        /// Variables the template uses that its context does not have.
-        unknown: Vec<String>,
-        #[source]
-        source: minijinja::Error,
-    },
+/// [`DEFAULT_TEMPLATE`], whose problems are reported at `key_path` (the group's `machine`
+/// table).
+pub fn default_template(key_path: &str) -> Template {
+    Template {
+        what: KEYS.what,
+        text: DEFAULT_TEMPLATE.to_owned(),
+        origin: "default userdata".to_owned(),
+        key_path: key_path.to_owned(),
+    }
 }
 
 /// One group's userdata recipe.
 #[derive(Clone, Debug)]
 pub struct UserData {
-    /// The template text.
-    pub template: String,
-    /// Where the template came from, for messages.
-    pub origin: String,
+    pub template: Template,
     /// `template_data`, as JSON.
     pub data: Map<String, Value>,
     pub k3s_version: Option<String>,
@@ -130,11 +120,6 @@ pub struct Target<'a> {
     pub k3s_url: &'a str,
     /// The Slicer secret holding the join token.
     pub token_secret: &'a str,
-}
-
-/// `s` as one shell word (single quotes; a `'` inside becomes `'\''`).
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// The provider id of `target` as a shell word whose `{id}` parts expand `$NODE_NAME`.
@@ -161,35 +146,28 @@ pub fn provider_id_word(format: &ProviderIdFormat, target: Target<'_>) -> String
 }
 
 impl UserData {
+    fn context(&self, target: Target<'_>) -> Context {
+        let machine = script::Target { cluster: target.cluster, group: target.group, name: target.name };
+        Context::new(machine, &self.data)
+            .with("host_group", target.host_group)
+            .with("k3s_url", target.k3s_url)
+            .with("token_file", format!("{SECRETS_DIR}/{}", target.token_secret))
+            .with("provider_id", provider_id_word(&self.provider_id, target))
+            .with("node_labels", self.node_labels.clone())
+            .with("node_taints", self.node_taints.clone())
+            .with("k3s_version", self.k3s_version.clone())
+            .with("k3s_args", self.k3s_args.clone())
+    }
+
     /// The userdata of one machine.
-    pub fn render(&self, target: Target<'_>) -> Result<String, Error> {
-        let mut env = Environment::new();
-        // A misspelt variable is an error, not an empty string in a node's boot script.
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_keep_trailing_newline(true);
-        env.add_filter("shell_quote", |s: String| shell_quote(&s));
-        let mut ctx = self.data.clone();
-        ctx.insert("data".into(), Value::Object(self.data.clone()));
-        ctx.insert("name".into(), target.name.into());
-        ctx.insert("group".into(), target.group.into());
-        ctx.insert("cluster".into(), target.cluster.into());
-        ctx.insert("host_group".into(), target.host_group.into());
-        ctx.insert("k3s_url".into(), target.k3s_url.into());
-        ctx.insert("token_file".into(), format!("{SECRETS_DIR}/{}", target.token_secret).into());
-        ctx.insert("provider_id".into(), provider_id_word(&self.provider_id, target).into());
-        ctx.insert("node_labels".into(), self.node_labels.clone().into());
-        ctx.insert("node_taints".into(), self.node_taints.clone().into());
-        ctx.insert("k3s_version".into(), self.k3s_version.clone().map(Value::from).unwrap_or(Value::Null));
-        ctx.insert("k3s_args".into(), self.k3s_args.clone().into());
-        let template = env
-            .template_from_named_str(&self.origin, &self.template)
-            .map_err(|source| Error::Render { unknown: Vec::new(), source })?;
-        template.render(Value::Object(ctx.clone())).map_err(|source| {
-            let mut unknown: Vec<String> =
-                template.undeclared_variables(false).into_iter().filter(|v| !ctx.contains_key(v)).collect();
-            unknown.sort();
-            Error::Render { unknown, source }
-        })
+    pub fn render(&self, target: Target<'_>) -> Result<String, script::Error> {
+        self.template.render(&self.context(target))
+    }
+
+    /// The configuration check: one trial render for `target`, a problem at the template's key
+    /// if it fails.
+    pub fn check(&self, target: Target<'_>, p: &mut Problems) {
+        self.template.check(&self.context(target), p);
     }
 }
 
@@ -228,8 +206,7 @@ mod tests {
 
     fn recipe(format: &str) -> UserData {
         UserData {
-            template: DEFAULT_TEMPLATE.into(),
-            origin: "default".into(),
+            template: default_template("groups.agents.machine"),
             data: Map::new(),
             k3s_version: Some("v1.33.4+k3s1".into()),
             k3s_args: vec!["--snapshotter=native".into()],
@@ -276,7 +253,7 @@ mod tests {
     #[test]
     fn an_unknown_variable_is_named_in_the_error() {
         let mut r = recipe("k3s://{id}");
-        r.template = "{{ k3s_url }} {{ k3s_tokn }}".into();
+        r.template.text = "{{ k3s_url }} {{ k3s_tokn }}".into();
         let e = r.render(target()).unwrap_err().to_string();
         assert!(e.contains("unknown variables: k3s_tokn"), "{e}");
     }

@@ -626,7 +626,8 @@ CRD
 
 # 7. Every example values file rendered by helm and applied to kube-apiserver with
 # --dry-run=server, and the variants tests/chart/run rendered (standalone with Secrets, without
-# CA, the RBAC features, raw TOML, the upstream chart with the sidecar snippet) when it ran first.
+# CA, the RBAC features, raw TOML, the upstream chart with the sidecar snippet, the values
+# `flotilla import` printed for each seed) when it ran first.
 chart_dry_run() {
 	[[ -x $HELM_BIN/helm ]] || fail "helm was not built (see logs/build-helm.log)" || return 1
 	local t0=$SECONDS failed=() f name

@@ -110,6 +110,8 @@ struct Injected {
     headers: Vec<(&'static str, String)>,
     /// Act on the request first (the cloud did it), then answer this: a lost response.
     act_first: bool,
+    /// Never answer (the client times out), after acting if `act_first`.
+    hang: bool,
 }
 
 struct Inner {
@@ -284,7 +286,15 @@ impl Fake {
         body: Value,
         headers: Vec<(&'static str, String)>,
     ) {
-        self.lock().injected.push(Injected { method, path: path.to_owned(), status, body, headers, act_first: false });
+        self.lock().injected.push(Injected {
+            method,
+            path: path.to_owned(),
+            status,
+            body,
+            headers,
+            act_first: false,
+            hang: false,
+        });
     }
 
     /// Carries out the next request `method path`, then answers `status` and `body` instead of
@@ -297,6 +307,21 @@ impl Fake {
             body,
             headers: Vec::new(),
             act_first: true,
+            hang: false,
+        });
+    }
+
+    /// The next request `method path` is never answered, as behind a proxy or load balancer
+    /// that lost it; with `act_first`, Nova carries it out first.
+    pub fn hang_next(&self, method: Method, path: &str, act_first: bool) {
+        self.lock().injected.push(Injected {
+            method,
+            path: path.to_owned(),
+            status: 504,
+            body: Value::Null,
+            headers: Vec::new(),
+            act_first,
+            hang: true,
         });
     }
 
@@ -335,6 +360,19 @@ impl Fake {
     pub fn servers(&self) -> Vec<Server> {
         let i = self.lock();
         i.servers.iter().filter(|s| !i.is_gone(s)).cloned().collect()
+    }
+
+    /// Every server with the `status` and `OS-EXT-STS:task_state` a listing would show now.
+    pub fn statuses(&self) -> Vec<(Server, &'static str, Option<&'static str>)> {
+        let i = self.lock();
+        i.servers
+            .iter()
+            .filter(|s| !i.is_gone(s))
+            .map(|s| {
+                let (status, task) = i.status_of(s);
+                (s.clone(), status, task)
+            })
+            .collect()
     }
 
     pub fn ports(&self) -> Vec<Port> {
@@ -758,6 +796,41 @@ impl Inner {
             .into_response()
     }
 
+    /// `PUT /servers/{id}/metadata/{key}` as Nova answers it: the body names exactly the key of
+    /// the URI; the server must be in a stable state (Nova's `check_instance_state`: not while
+    /// building, in ERROR or being deleted).
+    fn set_metadata_item(&mut self, id: &str, key: &str, body: Option<&Value>) -> Response {
+        let bad = |m: &str| error(StatusCode::BAD_REQUEST, "badRequest", m);
+        let Some(i) = self.find_server(id) else {
+            return error(StatusCode::NOT_FOUND, "itemNotFound", &format!("Instance {id} could not be found."));
+        };
+        let Some(meta) = body.and_then(|b| b.get("meta")).and_then(Value::as_object) else {
+            return bad("Invalid input for field/attribute meta. Value: None. None is not of type 'object'");
+        };
+        if meta.len() > 1 {
+            return bad("Request body contains too many items");
+        }
+        let Some(value) = meta.get(key) else { return bad("Request body and URI mismatch") };
+        let Some(value) = value.as_str().filter(|v| v.chars().count() <= 255) else {
+            return bad(&format!("Invalid input for field/attribute {key}. Value: {value}."));
+        };
+        let state = match self.status_of(&self.servers[i]) {
+            (_, Some("deleting")) => Some("task_state deleting"),
+            ("BUILD", _) => Some("vm_state building"),
+            ("ERROR", _) => Some("vm_state error"),
+            _ => None,
+        };
+        if let Some(state) = state {
+            return error(
+                StatusCode::CONFLICT,
+                "conflictingRequest",
+                &format!("Cannot 'update_metadata' instance {id} while it is in {state}"),
+            );
+        }
+        self.servers[i].metadata.insert(key.to_owned(), value.to_owned());
+        (StatusCode::OK, axum::Json(json!({ "meta": { key: value } }))).into_response()
+    }
+
     fn find_server(&self, id: &str) -> Option<usize> {
         self.servers.iter().position(|s| s.id == id && !self.is_gone(s))
     }
@@ -793,6 +866,7 @@ impl Inner {
                 }
                 None => not_found(&format!("Instance {id} could not be found.")),
             },
+            (Method::PUT, ["compute", "v2.1", "servers", id, "metadata", key]) => self.set_metadata_item(id, key, body),
             (Method::GET, ["compute", "v2.1", "flavors", "detail"]) => ok(json!({ "flavors": self.flavors() })),
             (Method::GET, ["compute", "v2.1", "flavors", id, "os-extra_specs"]) => match *id {
                 FLAVOR_ID => ok(json!({ "extra_specs": { "hw:cpu_policy": "shared" } })),
@@ -892,15 +966,37 @@ async fn handle(
         .unwrap_or_default();
     let token = headers.get("X-Auth-Token").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let json_body: Option<Value> = if body.is_empty() { None } else { serde_json::from_slice(&body).ok() };
+    let (response, hang) = answer(&inner, method, path, query, token, json_body, &headers, &body);
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    response
+}
+
+/// The answer to one request, and whether to withhold it (see [`Fake::hang_next`]).
+#[allow(clippy::too_many_arguments, reason = "the parts of one request, taken apart once in `handle`")]
+fn answer(
+    inner: &Mutex<Inner>,
+    method: Method,
+    path: String,
+    query: BTreeMap<String, String>,
+    token: Option<String>,
+    json_body: Option<Value>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> (Response, bool) {
     let mut i = inner.lock().unwrap();
+    let mut hang = false;
     if !body.is_empty() && json_body.is_none() {
         i.problems.push(format!("{method} {path}: body is not JSON"));
     }
     if (method == Method::GET || method == Method::DELETE) && !body.is_empty() {
         i.problems.push(format!("{method} {path} with a body"));
     }
-    if method == Method::POST && headers.get("Content-Type").and_then(|v| v.to_str().ok()) != Some("application/json") {
-        i.problems.push(format!("POST {path} without Content-Type: application/json"));
+    if (method == Method::POST || method == Method::PUT)
+        && headers.get("Content-Type").and_then(|v| v.to_str().ok()) != Some("application/json")
+    {
+        i.problems.push(format!("{method} {path} without Content-Type: application/json"));
     }
     let discovery = match path.trim_end_matches('/') {
         "/identity" => Some(false),
@@ -930,6 +1026,7 @@ async fn handle(
             if f.act_first {
                 i.route(&method, &path, &query, json_body.as_ref());
             }
+            hang = f.hang;
             let mut r = (StatusCode::from_u16(f.status).unwrap(), axum::Json(f.body)).into_response();
             for (k, v) in f.headers {
                 r.headers_mut().insert(k, HeaderValue::from_str(&v).unwrap());
@@ -945,7 +1042,7 @@ async fn handle(
     };
     let status = response.status().as_u16();
     i.requests.push(Request { method, path, query, token, body: json_body, status });
-    response
+    (response, hang)
 }
 
 fn percent_decode(s: &str) -> String {

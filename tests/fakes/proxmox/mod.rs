@@ -102,6 +102,8 @@ pub enum FaultAction {
     Fail { status: u16, message: String },
     /// Act as usual, then answer this error instead: the response is lost after PVE acted.
     LoseAnswer { status: u16, message: String },
+    /// Never answer (a proxy or load balancer lost the request), after acting if `act_first`.
+    Hang { act_first: bool },
 }
 
 /// A fault for the next `times` requests whose method is `method` and whose path (under
@@ -505,6 +507,10 @@ async fn serve(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> {
         Some(FaultAction::LoseAnswer { status, message }) => {
             handle(Arc::clone(&state), req, false).await;
             reply(StatusCode::from_u16(status).unwrap(), json!({"data": null, "message": format!("{message}\n")}))
+        }
+        Some(FaultAction::Hang { act_first }) => {
+            handle(Arc::clone(&state), req, !act_first).await;
+            std::future::pending().await
         }
         None => handle(Arc::clone(&state), req, false).await,
     };
