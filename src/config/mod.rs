@@ -168,6 +168,9 @@ pub struct GroupConfig {
     pub price_per_hour: Option<f64>,
     /// cluster-autoscaler priority-expander priority (higher is tried first).
     pub priority: Option<u32>,
+    /// Keep up to this many machines stopped instead of deleting them, and start them first on
+    /// scale-up (0: no warm pool).
+    pub warm_pool: u32,
     pub template: TemplateConfig,
     pub options: OptionsConfig,
 }
@@ -537,6 +540,20 @@ fn parse_group(
         p.push(s.key_path("price_per_hour"), "must not be negative");
     }
     let priority = s.integer("priority", p);
+    let warm_pool: u32 = s.integer("warm_pool", p).unwrap_or(0);
+    if warm_pool > 10_000 {
+        p.push(s.key_path("warm_pool"), "must be at most 10000");
+    }
+    if warm_pool > 0 && cloud_config.is_some_and(|c| !c.node_cleanup) {
+        p.push(
+            s.key_path("warm_pool"),
+            format!(
+                "needs node_cleanup = true on cloud {:?}: the Node of a stopped machine would otherwise stay NotReady, \
+                 and cluster-autoscaler counts unready Nodes against the cluster's health",
+                cloud.as_deref().unwrap_or_default()
+            ),
+        );
+    }
     let template = parse_template(s.section("template", p), s.path(), p);
     let options = parse_options(s.section("options", p), p);
     // The driver reads and checks `machine`.
@@ -551,6 +568,7 @@ fn parse_group(
         provider_id: provider_id?,
         price_per_hour,
         priority,
+        warm_pool,
         template,
         options,
     })

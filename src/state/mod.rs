@@ -152,6 +152,18 @@ enum Delete {
     Retry,
 }
 
+/// Where a warm-pool transition stands. Written by `DeleteNodes` (stopping) and `increase`
+/// (starting), cleared by the stop and start tasks. A stopped pool machine has none: it is
+/// [`Entry::pooled`], derived from what the cloud says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pool {
+    No,
+    /// cluster-autoscaler deleted it; it is being stopped for the pool (reported as deleting).
+    Stopping,
+    /// Taken from the pool for a scale-up; it is being started (reported as creating).
+    Starting,
+}
+
 /// One machine, requested or real.
 #[derive(Debug)]
 struct Entry {
@@ -162,6 +174,7 @@ struct Entry {
     cloud: Option<MachineState>,
     create: Create,
     delete: Delete,
+    pool: Pool,
     /// When this process last learnt something about the entry (created it, heard from its
     /// create, or a listing started): a listing started earlier cannot overrule it.
     confirmed_at: Instant,
@@ -169,12 +182,32 @@ struct Entry {
 
 impl Entry {
     fn new(provider_id: String, create: Create, now: Instant) -> Entry {
-        Entry { provider_id, cloud_id: None, cloud: None, create, delete: Delete::No, confirmed_at: now }
+        Entry {
+            provider_id,
+            cloud_id: None,
+            cloud: None,
+            create,
+            delete: Delete::No,
+            pool: Pool::No,
+            confirmed_at: now,
+        }
+    }
+
+    /// A stopped machine kept in the warm pool: owned and listed, never reported to
+    /// cluster-autoscaler, never counted in the target size.
+    fn pooled(&self) -> bool {
+        self.pool == Pool::No
+            && self.delete == Delete::No
+            && self.create == Create::Done
+            && self.cloud == Some(MachineState::Stopped)
     }
 
     fn phase(&self) -> InstancePhase<'_> {
-        if self.delete != Delete::No {
+        if self.delete != Delete::No || self.pool == Pool::Stopping {
             return InstancePhase::Deleting;
+        }
+        if self.pool == Pool::Starting {
+            return InstancePhase::Creating;
         }
         match &self.create {
             Create::Queued | Create::InFlight => InstancePhase::Creating,
@@ -184,6 +217,8 @@ impl Entry {
                 Some(MachineState::Creating) | None => InstancePhase::Creating,
                 Some(MachineState::Deleting) => InstancePhase::Deleting,
                 Some(MachineState::Failed(f)) => InstancePhase::Failed(f),
+                // Pooled (never reported) or on its way there: not capacity.
+                Some(MachineState::Stopped) => InstancePhase::Deleting,
             },
         }
     }
@@ -211,15 +246,21 @@ struct GroupState {
     entries: BTreeMap<String, Entry>,
     /// provider id -> when its delete finished (or the cloud stopped listing it).
     tombstones: HashMap<String, Instant>,
-    /// Machines whose delete returned but that the cloud has not yet shown gone (clouds with
-    /// `node_cleanup` only): machine name -> (provider id, when the delete returned). A listing
-    /// started after that which no longer has the machine confirms it gone.
-    awaiting_gone: HashMap<String, (String, Instant)>,
+    /// Machines whose delete (or stop) returned but that the cloud has not yet shown gone (or
+    /// stopped), on clouds with `node_cleanup`: machine name -> (provider id, when the call
+    /// returned, whether it was a stop). A listing started after that which no longer has the
+    /// machine (or lists it stopped) confirms it, and its Node goes.
+    awaiting_gone: HashMap<String, (String, Instant, bool)>,
 }
 
 impl GroupState {
     fn target(&self) -> usize {
         self.entries.values().filter(|e| e.counts_toward_target()).count()
+    }
+
+    /// Stopped pool machines plus those being stopped: what the pool holds or will.
+    fn pool_size(&self) -> usize {
+        self.entries.values().filter(|e| e.pooled() || e.pool == Pool::Stopping).count()
     }
 }
 
@@ -310,6 +351,11 @@ pub struct PhaseCounts {
     pub running: usize,
     pub deleting: usize,
     pub failed: usize,
+    /// Warm pool: stopped machines (not reported to cluster-autoscaler), machines being stopped
+    /// into it and being started out of it (also counted above as deleting and creating).
+    pub pool_stopped: usize,
+    pub pool_stopping: usize,
+    pub pool_starting: usize,
 }
 
 /// A machine Flotilla deleted that the cloud has confirmed gone, whose Node (if any) should go
@@ -547,7 +593,11 @@ impl Fleet {
 
     /// The group owning a provider id, if Flotilla manages it.
     pub fn group_of(&self, provider_id: &str) -> Option<usize> {
-        self.read().index.get(provider_id).map(|(g, _)| *g)
+        let inner = self.read();
+        let (g, name) = inner.index.get(provider_id)?;
+        // A stopped pool machine is not cluster-autoscaler's: its Node (if any left) is not ours.
+        let pooled = inner.groups[*g].entries.get(name).is_some_and(Entry::pooled);
+        (!pooled).then_some(*g)
     }
 
     pub fn target_size(&self, g: usize) -> usize {
@@ -626,7 +676,7 @@ impl Fleet {
     /// Calls `f` for every instance of group `g`, with its provider id and phase.
     pub fn for_each_instance(&self, g: usize, mut f: impl FnMut(&str, InstancePhase<'_>)) {
         let inner = self.read();
-        for entry in inner.groups[g].entries.values() {
+        for entry in inner.groups[g].entries.values().filter(|e| !e.pooled()) {
             f(&entry.provider_id, entry.phase());
         }
     }
@@ -640,6 +690,15 @@ impl Fleet {
             .map(|gs| {
                 let mut c = PhaseCounts::default();
                 for e in gs.entries.values() {
+                    match e.pool {
+                        Pool::Stopping => c.pool_stopping += 1,
+                        Pool::Starting => c.pool_starting += 1,
+                        Pool::No if e.pooled() => {
+                            c.pool_stopped += 1;
+                            continue;
+                        }
+                        Pool::No => {}
+                    }
                     match e.phase() {
                         InstancePhase::Creating => c.creating += 1,
                         InstancePhase::Running => c.running += 1,
@@ -689,20 +748,140 @@ impl Fleet {
             return Err(Error::AboveMax { group: group.name.clone(), current, delta, max: group.max_size });
         }
         let now = Instant::now();
-        let mut names = Vec::with_capacity(delta as usize);
-        for _ in 0..delta {
+        // The warm pool first: starting a stopped machine takes seconds, creating one minutes.
+        let mut starts = Vec::new();
+        for (name, entry) in inner.groups[g].entries.iter_mut() {
+            if starts.len() == delta as usize {
+                break;
+            }
+            if entry.pooled() {
+                entry.pool = Pool::Starting;
+                entry.confirmed_at = now;
+                starts.push(entry.machine(&group.name, name));
+            }
+        }
+        let mut names = Vec::with_capacity(delta as usize - starts.len());
+        for _ in starts.len()..delta as usize {
             let name = self.unique_name(g, &inner);
             inner.insert(g, name.clone(), Entry::new(self.provider_id(g, &name, None), Create::Queued, now));
             names.push(name);
         }
         drop(inner);
-        info!(group = %group.name, delta, from = current, "scaling up");
-        for name in names {
+        info!(group = %group.name, delta, from = current, from_pool = starts.len(), "scaling up");
+        for machine in starts {
             let fleet = Arc::clone(self);
             let task_term = term.clone();
-            self.spawn_in_term(&term, async move { fleet.create_one(g, name, task_term).await });
+            self.spawn_in_term(&term, async move { fleet.start_one(g, machine, task_term).await });
+        }
+        for name in names {
+            self.spawn_create(g, name, &term);
         }
         Ok(())
+    }
+
+    fn spawn_create(self: &Arc<Self>, g: usize, name: String, term: &CancellationToken) {
+        let fleet = Arc::clone(self);
+        let task_term = term.clone();
+        self.spawn_in_term(term, async move { fleet.create_one(g, name, task_term).await });
+    }
+
+    /// Starts one pool machine. One that fails to start is deleted and replaced by a create, so
+    /// the scale-up cluster-autoscaler asked for still happens.
+    async fn start_one(self: Arc<Self>, g: usize, machine: MachineRef, term: CancellationToken) {
+        let group = &self.groups[g];
+        let cloud = &self.clouds[group.cloud];
+        let Ok(_permit) = Arc::clone(&cloud.creates).acquire_owned().await else { return };
+        debug!(group = %group.config.name, name = %machine.name, "starting pool machine");
+        let timeout = cloud.config.create_timeout;
+        let result = match tokio::time::timeout(timeout, cloud.driver.start(&machine)).await {
+            Ok(r) => r,
+            Err(_) => Err(driver::Error::Timeout(format!("start did not finish within {timeout:?}"))),
+        };
+        self.metrics.observe_pool_start(&group.config.name, result.is_ok());
+        let mut inner = self.write();
+        if term.is_cancelled() {
+            return;
+        }
+        let now = Instant::now();
+        let Some(entry) = inner.groups[g].entries.get_mut(&machine.name) else { return };
+        entry.pool = Pool::No;
+        entry.confirmed_at = now;
+        match result {
+            Ok(started) => {
+                entry.cloud = Some(started.state.clone());
+                let delete = entry.delete == Delete::Wanted;
+                if delete {
+                    entry.delete = Delete::InFlight;
+                }
+                let provider_id = entry.provider_id.clone();
+                drop(inner);
+                info!(group = %group.config.name, name = %machine.name, "started pool machine");
+                if delete {
+                    self.spawn_delete(g, machine, provider_id, true, &term);
+                }
+            }
+            Err(e) => {
+                warn!(group = %group.config.name, name = %machine.name, error = %e, "pool machine did not start; deleting it and creating a new one");
+                let replace = entry.delete == Delete::No;
+                entry.delete = Delete::InFlight;
+                let provider_id = entry.provider_id.clone();
+                let replacement = replace.then(|| {
+                    let name = self.unique_name(g, &inner);
+                    inner.insert(g, name.clone(), Entry::new(self.provider_id(g, &name, None), Create::Queued, now));
+                    name
+                });
+                drop(inner);
+                self.spawn_delete(g, machine, provider_id, true, &term);
+                if let Some(name) = replacement {
+                    self.spawn_create(g, name, &term);
+                }
+            }
+        }
+    }
+
+    /// Stops one machine into the pool. One that cannot be stopped is deleted, as
+    /// cluster-autoscaler asked.
+    async fn stop_one(self: Arc<Self>, g: usize, machine: MachineRef, provider_id: String, term: CancellationToken) {
+        let cloud = &self.clouds[self.groups[g].cloud];
+        let Ok(_permit) = Arc::clone(&cloud.deletes).acquire_owned().await else { return };
+        let timeout = cloud.config.delete_timeout;
+        let result = match tokio::time::timeout(timeout, cloud.driver.stop(&machine)).await {
+            Ok(r) => r,
+            Err(_) => Err(driver::Error::Timeout(format!("stop did not finish within {timeout:?}"))),
+        };
+        let mut inner = self.write();
+        if term.is_cancelled() {
+            return;
+        }
+        let now = Instant::now();
+        match result {
+            Ok(()) => {
+                info!(group = %machine.group, name = %machine.name, "stopped machine into the warm pool");
+                if let Some(entry) = inner.groups[g].entries.get_mut(&machine.name) {
+                    entry.pool = Pool::No;
+                    entry.cloud = Some(MachineState::Stopped);
+                    entry.confirmed_at = now;
+                }
+                if cloud.config.node_cleanup {
+                    // Its Node goes once a listing shows the machine stopped.
+                    inner.groups[g].awaiting_gone.insert(machine.name.clone(), (provider_id, now, true));
+                }
+            }
+            Err(driver::Error::NotFound(_)) => {
+                info!(group = %machine.group, name = %machine.name, "machine to stop is already gone");
+                inner.remove(g, &machine.name);
+                drop(inner);
+                self.node_gone(g, &machine.name, provider_id);
+            }
+            Err(e) => {
+                warn!(group = %machine.group, name = %machine.name, error = %e, "cannot stop the machine for the warm pool; deleting it");
+                let Some(entry) = inner.groups[g].entries.get_mut(&machine.name) else { return };
+                entry.pool = Pool::No;
+                entry.delete = Delete::InFlight;
+                drop(inner);
+                self.spawn_delete(g, machine, provider_id, true, &term);
+            }
+        }
     }
 
     async fn create_one(self: Arc<Self>, g: usize, name: String, term: CancellationToken) {
@@ -793,7 +972,12 @@ impl Fleet {
     /// has recorded them too ([`Driver::mark_deleting`](crate::driver::Driver::mark_deleting)),
     /// so an accepted delete survives a restart; the deletes themselves run in the background.
     pub async fn delete_nodes(self: &Arc<Self>, g: usize, provider_ids: &[&str]) -> Result<()> {
-        let (to_delete, term) = self.accept_deletes(g, provider_ids)?;
+        let (to_delete, to_stop, term) = self.accept_deletes(g, provider_ids)?;
+        for (machine, provider_id) in to_stop {
+            let fleet = Arc::clone(self);
+            let task_term = term.clone();
+            self.spawn_in_term(&term, async move { fleet.stop_one(g, machine, provider_id, task_term).await });
+        }
         if to_delete.is_empty() {
             return Ok(());
         }
@@ -819,13 +1003,14 @@ impl Fleet {
     }
 
     /// The synchronous half of `DeleteNodes`: checks the request and records the intent.
-    /// Returns the machines whose delete can start now, and the term they belong to.
-    #[allow(clippy::type_complexity, reason = "a private helper's pair of results")]
+    /// Returns the machines whose delete can start now, those to stop into the warm pool
+    /// instead, and the term they belong to.
+    #[allow(clippy::type_complexity, reason = "a private helper's three results")]
     fn accept_deletes(
         &self,
         g: usize,
         provider_ids: &[&str],
-    ) -> Result<(Vec<(MachineRef, String)>, CancellationToken)> {
+    ) -> Result<(Vec<(MachineRef, String)>, Vec<(MachineRef, String)>, CancellationToken)> {
         let group = &self.groups[g].config;
         self.check_listed(g)?;
         let mut inner = self.write();
@@ -866,10 +1051,24 @@ impl Fleet {
             });
         }
         let mut to_delete = Vec::new();
+        let mut to_stop = Vec::new();
+        let mut pool_room = (self.groups[g].config.warm_pool as usize).saturating_sub(inner.groups[g].pool_size());
         for name in names {
             let Some(entry) = inner.groups[g].entries.get_mut(&name) else { continue };
-            if entry.delete != Delete::No {
-                continue; // already being deleted
+            if entry.delete != Delete::No || entry.pool == Pool::Stopping {
+                continue; // already being deleted or stopped
+            }
+            if entry.pool == Pool::Starting {
+                // The start task deletes it when the cloud answers.
+                entry.delete = Delete::Wanted;
+                continue;
+            }
+            if pool_room > 0 && entry.create == Create::Done && entry.cloud == Some(MachineState::Running) {
+                // Kept stopped instead of deleted: the next scale-up starts it in seconds.
+                pool_room -= 1;
+                entry.pool = Pool::Stopping;
+                to_stop.push((entry.machine(&group.name, &name), entry.provider_id.clone()));
+                continue;
             }
             match entry.create {
                 Create::Queued => {
@@ -888,8 +1087,8 @@ impl Fleet {
             }
         }
         drop(inner);
-        info!(group = %group.name, count = provider_ids.len(), "deleting nodes");
-        Ok((to_delete, term))
+        info!(group = %group.name, count = provider_ids.len(), to_pool = to_stop.len(), "deleting nodes");
+        Ok((to_delete, to_stop, term))
     }
 
     /// Starts a background delete. `mark` first records the delete in the cloud (not needed when
@@ -975,7 +1174,7 @@ impl Fleet {
                 }
                 if cloud.config.node_cleanup {
                     // Its Node goes once a listing confirms the machine gone.
-                    inner.groups[g].awaiting_gone.insert(machine.name.clone(), (provider_id, Instant::now()));
+                    inner.groups[g].awaiting_gone.insert(machine.name.clone(), (provider_id, Instant::now(), false));
                 }
             }
             Err(driver::Error::NotFound(_)) => {
@@ -1183,12 +1382,21 @@ impl Fleet {
             let state = &mut groups[g];
             state.tombstones.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
             if !state.awaiting_gone.is_empty() {
-                let names: HashSet<&str> = listed.iter().map(|m| m.name.as_str()).collect();
-                state.awaiting_gone.retain(|name, (provider_id, deleted_at)| {
-                    if *deleted_at < started && !names.contains(name.as_str()) {
+                let states: HashMap<&str, &MachineState> = listed.iter().map(|m| (m.name.as_str(), &m.state)).collect();
+                state.awaiting_gone.retain(|name, (provider_id, at, stopped)| {
+                    let listed_as = states.get(name.as_str());
+                    let confirmed = *at < started
+                        && match listed_as {
+                            None => true,
+                            Some(s) => *stopped && **s == MachineState::Stopped,
+                        };
+                    if confirmed {
                         gone.push((g, name.clone(), provider_id.clone()));
                         false
-                    } else if deleted_at.elapsed() > TOMBSTONE_TTL {
+                    } else if *stopped && *at < started && listed_as.is_some() {
+                        // Listed, but no longer stopped (started again meanwhile): nothing to clean.
+                        false
+                    } else if at.elapsed() > TOMBSTONE_TTL {
                         warn!(%name, %provider_id, "the cloud still lists a deleted machine; giving up on its node cleanup");
                         false
                     } else {
@@ -1266,6 +1474,7 @@ impl Fleet {
             for (name, entry) in old {
                 // Keep what the listing cannot know about yet; drop what the cloud no longer has.
                 let keep = entry.create_running()
+                    || entry.pool != Pool::No
                     || entry.confirmed_at > started
                     || entry.delete == Delete::InFlight
                     || match entry.create {
@@ -1285,6 +1494,19 @@ impl Fleet {
                     }
                     // So a late or repeated delete of it is a no-op.
                     state.tombstones.insert(entry.provider_id, now);
+                }
+            }
+            // A pool holding more than it may (its size was lowered, or machines stopped on their
+            // own): delete the extras.
+            let warm_pool = self.groups[g].config.warm_pool as usize;
+            let mut pooled: Vec<&String> = fresh.iter().filter(|(_, e)| e.pooled()).map(|(n, _)| n).collect();
+            if pooled.len() > warm_pool {
+                pooled.sort();
+                let extra: Vec<String> = pooled.into_iter().skip(warm_pool).cloned().collect();
+                for name in extra {
+                    let entry = fresh.get_mut(&name).expect("listed above");
+                    entry.delete = Delete::InFlight;
+                    deletes.push((g, entry.machine(group_name, &name), entry.provider_id.clone(), true));
                 }
             }
             for (name, e) in &fresh {

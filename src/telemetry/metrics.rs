@@ -60,6 +60,18 @@ struct DeleteFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    group: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolStartLabels {
+    group: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -98,6 +110,9 @@ pub struct Metrics {
     create_failures: Family<CreateFailureLabels, Counter>,
     deletes: Family<GroupLabels, Counter>,
     delete_failures: Family<DeleteFailureLabels, Counter>,
+    pool_machines: Family<PoolLabels, Gauge>,
+    pool_capacity: Family<GroupLabels, Gauge>,
+    pool_starts: Family<PoolStartLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -124,6 +139,9 @@ impl Metrics {
         let create_failures = Family::<CreateFailureLabels, Counter>::default();
         let deletes = Family::<GroupLabels, Counter>::default();
         let delete_failures = Family::<DeleteFailureLabels, Counter>::default();
+        let pool_machines = Family::<PoolLabels, Gauge>::default();
+        let pool_capacity = Family::<GroupLabels, Gauge>::default();
+        let pool_starts = Family::<PoolStartLabels, Counter>::default();
         registry.register("grpc_requests", "gRPC requests served, by method and status code", rpc_requests.clone());
         registry.register_with_unit(
             "grpc_request_duration",
@@ -167,6 +185,21 @@ impl Metrics {
             delete_failures.clone(),
         );
         registry.register(
+            "warm_pool_machines",
+            "Warm pool machines by node group and state: stopped (kept, not reported to cluster-autoscaler), stopping, starting",
+            pool_machines.clone(),
+        );
+        registry.register(
+            "warm_pool_capacity",
+            "The most machines a node group's warm pool keeps stopped (groups.G.warm_pool)",
+            pool_capacity.clone(),
+        );
+        registry.register(
+            "warm_pool_starts",
+            "Pool machines started for a scale-up, by node group and result (failed ones are deleted and replaced by creates)",
+            pool_starts.clone(),
+        );
+        registry.register(
             "build",
             "Flotilla's version; the value is always 1",
             Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION") }),
@@ -185,7 +218,16 @@ impl Metrics {
             create_failures,
             deletes,
             delete_failures,
+            pool_machines,
+            pool_capacity,
+            pool_starts,
         }
+    }
+
+    /// Records a pool machine started for a scale-up.
+    pub fn observe_pool_start(&self, group: &str, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.pool_starts.get_or_create(&PoolStartLabels { group: group.to_owned(), result }).inc();
     }
 
     /// Records a create handed to the driver.
@@ -252,6 +294,17 @@ impl Metrics {
                 ("failed", counts.failed),
             ] {
                 self.instances.get_or_create(&InstanceLabels { group: group.config.name.clone(), state }).set(n as i64);
+            }
+            if group.config.warm_pool > 0 {
+                let name = group.config.name.clone();
+                for (state, n) in [
+                    ("stopped", counts.pool_stopped),
+                    ("stopping", counts.pool_stopping),
+                    ("starting", counts.pool_starting),
+                ] {
+                    self.pool_machines.get_or_create(&PoolLabels { group: name.clone(), state }).set(n as i64);
+                }
+                self.pool_capacity.get_or_create(&GroupLabels { group: name }).set(i64::from(group.config.warm_pool));
             }
         }
         self.ready.set(i64::from(fleet.ready()));

@@ -63,6 +63,13 @@ pub struct Settings {
     pub remove_nodes: bool,
     /// `[faults]`: faults to inject, per operation, in call order.
     pub faults: Vec<(Op, Fault)>,
+    /// Warm pools: how long a stop and a start call take (a started machine then boots for
+    /// `boot_time`).
+    pub stop_latency: Duration,
+    pub start_latency: Duration,
+    /// Groups with a warm pool: their stopped machines are listed as Stopped (elsewhere as
+    /// failed). Filled from the groups' `warm_pool`.
+    pub pool_groups: BTreeSet<String>,
 }
 
 impl Settings {
@@ -78,6 +85,9 @@ impl Settings {
             quota: s.integer("quota", p),
             state_file: s.string("state_file", p).map(|f| p.resolve(&f)),
             register_nodes: s.boolean("register_nodes", p).unwrap_or(false),
+            stop_latency: s.duration("stop_latency", p).unwrap_or_default(),
+            start_latency: s.duration("start_latency", p).unwrap_or_default(),
+            pool_groups: BTreeSet::new(),
             remove_nodes: s.boolean("remove_nodes", p).unwrap_or(true),
             faults: s
                 .section("faults", p)
@@ -121,6 +131,9 @@ struct Record {
     /// Left behind by a create that failed late and could not clean up: listed as failed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     failed: bool,
+    /// Stopped (warm pool): listed as Stopped in groups with a warm pool.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    stopped: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -155,7 +168,9 @@ pub struct Simulated {
 /// The simulated driver's [`Constructor`](super::Constructor): `[clouds.NAME]` keys, and
 /// `register_node` of each group's `machine` table.
 pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<super::SharedDriver> {
-    let settings = Settings::parse(&mut setup.section, p);
+    let mut settings = Settings::parse(&mut setup.section, p);
+    settings.pool_groups =
+        setup.groups.iter().filter(|g| g.config.warm_pool > 0).map(|g| g.config.name.clone()).collect();
     let mut registering = BTreeMap::new();
     for g in &mut setup.groups {
         if g.machine.boolean("register_node", p).unwrap_or(true) {
@@ -261,6 +276,7 @@ impl Simulated {
                 ready_after_ms: Some(0),
                 deleting: false,
                 failed: false,
+                stopped: false,
             },
         );
         self.persist(&store);
@@ -333,6 +349,14 @@ impl Simulated {
             })
         } else if r.deleting {
             MachineState::Deleting
+        } else if r.stopped && self.settings.pool_groups.contains(&r.group) {
+            MachineState::Stopped
+        } else if r.stopped {
+            MachineState::Failed(super::CreateFailure {
+                class: super::ErrorClass::Other,
+                code: "STOPPED".into(),
+                message: "simulated machine is stopped".into(),
+            })
         } else if booted(r, self.settings.boot_time) {
             MachineState::Running
         } else {
@@ -398,7 +422,13 @@ impl Driver for Simulated {
                 store
                     .machines
                     .values()
-                    .filter(|r| r.cluster == cluster && reg.registers(&r.group) && !r.failed && booted(r, boot_time))
+                    .filter(|r| {
+                        r.cluster == cluster
+                            && reg.registers(&r.group)
+                            && !r.failed
+                            && !r.stopped
+                            && booted(r, boot_time)
+                    })
                     .map(|r| nodes::Wanted { group: r.group.clone(), name: r.name.clone() })
                     .collect::<BTreeSet<_>>()
             });
@@ -439,6 +469,7 @@ impl Driver for Simulated {
                 ),
                 deleting: false,
                 failed: false,
+                stopped: false,
             };
             store.machines.insert(name.to_owned(), record);
             self.persist(&store);
@@ -547,6 +578,81 @@ impl Driver for Simulated {
             Fault::LostResponse => Err(Error::Unavailable("simulated: the delete's answer was lost".into())),
             Fault::HangAfter => faults::hang().await,
             _ => Ok(()),
+        }
+    }
+
+    fn can_stop(&self) -> bool {
+        true
+    }
+
+    async fn stop(&self, machine: &MachineRef) -> Result<()> {
+        let fault = self.plan.next(Op::Stop);
+        match fault {
+            Fault::Unavailable => return Err(Error::Unavailable("simulated 503 on stop".into())),
+            Fault::Hang => return faults::hang().await,
+            _ => {}
+        }
+        tokio::time::sleep(self.settings.stop_latency).await;
+        self.check_outage()?;
+        {
+            let mut store = self.current();
+            match store.machines.get_mut(&machine.id) {
+                Some(r) if r.cluster == self.cluster && r.group == machine.group => r.stopped = true,
+                Some(_) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "machine {} is not owned by this cluster and group",
+                        machine.id
+                    )));
+                }
+                None => return Err(Error::NotFound(format!("machine {}", machine.id))),
+            }
+            self.persist(&store);
+        }
+        match fault {
+            Fault::LostResponse => Err(Error::Unavailable("simulated: the stop's answer was lost".into())),
+            Fault::HangAfter => faults::hang().await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn start(&self, machine: &MachineRef) -> Result<Machine> {
+        let fault = self.plan.next(Op::Start);
+        match fault {
+            Fault::Unavailable => return Err(Error::Unavailable("simulated 503 on start".into())),
+            Fault::Hang => return faults::hang().await,
+            _ => {}
+        }
+        tokio::time::sleep(self.settings.start_latency).await;
+        self.check_outage()?;
+        let started = {
+            let mut store = self.current();
+            let record = match store.machines.get_mut(&machine.id) {
+                Some(r) if r.cluster == self.cluster && r.group == machine.group => r,
+                Some(_) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "machine {} is not owned by this cluster and group",
+                        machine.id
+                    )));
+                }
+                None => return Err(Error::NotFound(format!("machine {}", machine.id))),
+            };
+            if record.failed {
+                return Err(Error::Other(format!("machine {} is broken and cannot start", machine.id)));
+            }
+            if record.stopped {
+                // It boots again, as a new machine would, but without being created.
+                record.stopped = false;
+                record.created_at_ms = now_ms();
+                record.ready_after_ms = Some(millis(self.settings.boot_time));
+            }
+            let started = self.machine(record);
+            self.persist(&store);
+            started
+        };
+        match fault {
+            Fault::LostResponse => Err(Error::Unavailable("simulated: the start's answer was lost".into())),
+            Fault::HangAfter => faults::hang().await,
+            _ => Ok(started),
         }
     }
 
