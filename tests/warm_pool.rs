@@ -231,3 +231,112 @@ fn a_warm_pool_needs_node_cleanup_and_a_driver_that_can_stop() {
         "{problems}"
     );
 }
+
+// === OpenStack: os-stop / os-start against the Nova fake ===
+
+#[path = "fakes/openstack/mod.rs"]
+mod os_fake;
+
+fn openstack_config(os: &os_fake::Fake, kubeconfig: &std::path::Path) -> String {
+    format!(
+        r#"cluster_name = "dev"
+[state]
+reconcile_interval = "1h"
+[kubernetes]
+kubeconfig = "{kubeconfig}"
+[clouds.os]
+driver = "openstack"
+node_cleanup = true
+region_name = "RegionOne"
+request_timeout = "2s"
+[clouds.os.auth]
+auth_url = "{auth_url}"
+username = "{user}"
+password = "{password}"
+user_domain_name = "{domain}"
+project_name = "{project}"
+[groups.workers]
+cloud = "os"
+max_size = 5
+warm_pool = 1
+[groups.workers.machine]
+flavor = "io.70GB"
+image = "fedora-coreos-36.20220522.3.0-openstack.x86_64.qcow2"
+networks = ["k3s-net"]
+"#,
+        kubeconfig = kubeconfig.display(),
+        auth_url = os.auth_url(),
+        user = os_fake::USERNAME,
+        password = os_fake::PASSWORD,
+        domain = os_fake::USER_DOMAIN,
+        project = os_fake::PROJECT,
+    )
+}
+
+#[tokio::test]
+async fn openstack_stops_a_deleted_server_into_the_pool_and_starts_it_for_the_next_scale_up() {
+    let kube = kube_fake::Fake::start("t").await;
+    let os = os_fake::Fake::start().await;
+    os.set_build_time(Duration::ZERO);
+    os.set_power_time(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mut c) = support::start(&openstack_config(&os, &kube.kubeconfig(dir.path(), "t"))).await;
+    support::increase(&mut c, "workers", 1).await.unwrap();
+    let id = support::wait_running(&c, "workers", 1, LIMIT).await.remove(0);
+    let server_id = id.trim_start_matches("openstack:///").to_owned();
+
+    support::delete(&mut c, "workers", &[&id]).await.unwrap();
+    // Nova stops it asynchronously; refreshes see it powering off, then SHUTOFF: in the pool.
+    support::wait_running(&c, "workers", 0, LIMIT).await;
+    let status = |os: &os_fake::Fake| {
+        os.requests()
+            .iter()
+            .filter(|r| {
+                r.method == axum::http::Method::POST && r.path.ends_with(&format!("/servers/{server_id}/action"))
+            })
+            .map(|r| r.body.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(status(&os), [serde_json::json!({ "os-stop": null })]);
+    assert_eq!(os.servers().len(), 1, "the server is kept");
+    assert_eq!(support::target_size(&mut c, "workers").await, 0);
+
+    support::increase(&mut c, "workers", 1).await.unwrap();
+    let running = support::wait_running(&c, "workers", 1, LIMIT).await;
+    assert_eq!(running, [id.clone()], "the stopped server was started, none created");
+    assert_eq!(status(&os), [serde_json::json!({ "os-stop": null }), serde_json::json!({ "os-start": null })]);
+    assert_eq!(os.count(axum::http::Method::POST, "/servers"), 1, "one create in all");
+    server.stop().await.unwrap();
+    os.assert_clean();
+}
+
+#[tokio::test]
+async fn openstack_a_repeated_stop_is_done_and_a_start_waits_for_the_server_to_power_off() {
+    let kube = kube_fake::Fake::start("t").await;
+    let os = os_fake::Fake::start().await;
+    os.set_build_time(Duration::ZERO);
+    os.set_power_time(Duration::from_millis(800));
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::config(&openstack_config(&os, &kube.kubeconfig(dir.path(), "t")));
+    let driver = flotilla::build_drivers(&config).unwrap().remove(0);
+    assert!(driver.can_stop());
+    let m = driver.create("workers", "dev-workers-aaaaa").await.unwrap();
+    let machine = flotilla::driver::MachineRef::from(&m);
+    driver.stop(&machine).await.unwrap();
+    driver.stop(&machine).await.expect("stopping a server that is powering off is done");
+    assert_eq!(os.count(axum::http::Method::POST, "/action"), 1, "the second stop sent nothing");
+    let listed = driver.list().await.unwrap();
+    assert_eq!(listed[0].state, flotilla::driver::MachineState::Stopped, "powering off in a pool group");
+    let started = driver.start(&machine).await.unwrap();
+    assert_eq!(started.state, flotilla::driver::MachineState::Creating);
+    let actions: Vec<u16> = os.requests().iter().filter(|r| r.path.ends_with("/action")).map(|r| r.status).collect();
+    assert_eq!(actions, [202, 202], "os-start was sent only once the server was SHUTOFF, and accepted");
+    // A server that is not ours is never stopped.
+    let stranger = os.add_server("hand-made", &[]);
+    let err = driver
+        .stop(&flotilla::driver::MachineRef { group: "workers".into(), name: "hand-made".into(), id: stranger })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("refusing to touch it"), "{err}");
+    os.assert_clean();
+}

@@ -781,3 +781,49 @@ helm_cleanup() {
 	kc delete clusterrole,clusterrolebinding -l app.kubernetes.io/name=flotilla >/dev/null 2>&1
 	return 0
 }
+
+# 10. Warm pool: realistic latencies (a create takes 40 s and the machine boots for 20 s; a
+# start takes 5 s, then the same boot). Two pods are scheduled from zero (the pool is empty),
+# CA scales the group down, the machines are stopped into the pool and their Nodes removed;
+# two pods again: the pool machines are started (no create) and the pods run much sooner.
+# WARM_POOL_COLD and WARM_POOL_WARM are pending pod -> Running, in seconds.
+warm_pool() {
+	local version=$1 cluster=$2
+	restricted_kubeconfig || fail "cannot make the restricted ServiceAccount kubeconfig" || return 1
+	flotilla_config "$cluster"
+	sim_cloud sim "remove_nodes = false
+node_cleanup = true
+start_latency = \"5s\""
+	sed -i -e 's/^create_latency = "300ms"/create_latency = "40s"/' -e 's/^boot_time = "2s"/boot_time = "20s"/' \
+		"$SDIR/flotilla.toml"
+	group warm sim "$cluster" 4 "
+[groups.warm.options]
+scale_down_unneeded_time = \"20s\"" "warm_pool = 2"
+	start_flotilla || return 1
+	start_ca "$version" plain || return 1
+	pod_to_running() { # NAME -> seconds from the Deployment to 2 Running pods
+		local t0=$SECONDS
+		workload "$1" "$cluster" 2 1500m
+		wait_for 240 "2 pods of $1 to run" all_running "$1" 2 || return 1
+		echo $((SECONDS - t0))
+	}
+	WARM_POOL_COLD=$(pod_to_running cold) || fail "cold: $(running_pods cold) of 2 pods Running after 240s" || return 1
+	log "cold scale-up (two creates): ${WARM_POOL_COLD}s"
+	kc -n default delete deployment cold >/dev/null || fail "cannot delete the workload" || return 1
+	stopped_count() {
+		python3 -c 'import json,sys; print(sum(1 for m in json.load(open(sys.argv[1]))["machines"].values() if m.get("stopped")))' \
+			"$SDIR/sim-state.json"
+	}
+	pool_full() { [[ $(stopped_count) -eq 2 && $(node_count "$cluster") -eq 0 ]]; }
+	wait_for 180 "both machines to be stopped into the pool and their Nodes removed" pool_full ||
+		fail "after scale-down: $(stopped_count) stopped, $(node_count "$cluster") Nodes, machines $(machines sim | xargs)" || return 1
+	[[ $(ctl target-size warm) == 0 ]] || fail "target size $(ctl target-size warm) with only stopped machines" || return 1
+	[[ -z $(ctl nodes warm) ]] || fail "stopped machines reported to CA: $(ctl nodes warm | xargs)" || return 1
+	WARM_POOL_WARM=$(pod_to_running warm) || fail "warm: $(running_pods warm) of 2 pods Running after 240s" || return 1
+	log "warm scale-up (two starts from the pool): ${WARM_POOL_WARM}s"
+	ELAPSED=$WARM_POOL_WARM
+	[[ $(machines sim | wc -l) -eq 2 ]] || fail "the cloud has $(machines sim | wc -l) machines, expected the same 2" || return 1
+	grep -q 'started pool machine' "$RUN_DIR/logs/$SNAME-flotilla.log" || fail "no pool machine was started" || return 1
+	((WARM_POOL_WARM < WARM_POOL_COLD)) || fail "warm ${WARM_POOL_WARM}s is not faster than cold ${WARM_POOL_COLD}s" || return 1
+	echo "warm-pool: cold ${WARM_POOL_COLD}s, warm ${WARM_POOL_WARM}s" >>"$RUN_DIR/figures.txt"
+}
