@@ -340,3 +340,68 @@ async fn openstack_a_repeated_stop_is_done_and_a_start_waits_for_the_server_to_p
     assert!(err.to_string().contains("refusing to touch it"), "{err}");
     os.assert_clean();
 }
+
+// === Proxmox VE: shutdown + tag / untag + start against the PVE fake ===
+
+#[path = "fakes/proxmox/mod.rs"]
+mod pve_fake;
+
+#[tokio::test]
+async fn proxmox_stops_a_vm_into_the_pool_tagged_and_starts_it_untagged() {
+    let pve = pve_fake::Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), format!("{}\n", pve_fake::TOKEN_SECRET)).unwrap();
+    let text = format!(
+        "cluster_name = \"prod\"\n[kubernetes]\nkubeconfig = \"/nonexistent\"\n\
+         [clouds.pve]\ndriver = \"proxmox\"\nnode_cleanup = true\nregion = \"dc1\"\nurl = \"{}\"\npoll_interval = \"10ms\"\n\
+         token_id = \"{}\"\ntoken_secret = {{ file = \"{}\" }}\n\
+         [groups.workers]\ncloud = \"pve\"\nmax_size = 10\nwarm_pool = 2\n\
+         [groups.workers.machine]\ntemplate = 9000\n\
+         [groups.plain]\ncloud = \"pve\"\nmax_size = 10\n\
+         [groups.plain.machine]\ntemplate = 9000\n",
+        pve.url(),
+        pve_fake::TOKEN_ID,
+        dir.path().join("token").display(),
+    );
+    let config = support::config(&text);
+    let d = flotilla::build_drivers(&config).unwrap_or_else(|p| panic!("{p}")).remove(0);
+    let m = d.create("workers", "prod-workers-abcde").await.unwrap();
+    let machine = flotilla::driver::MachineRef::from(&m);
+    let plain = d.create("plain", "prod-plain-fghij").await.unwrap();
+
+    d.stop(&machine).await.unwrap();
+    {
+        let s = pve.state();
+        let vm = &s.vms[&m.id.parse::<u32>().unwrap()];
+        assert_eq!(vm.status, "stopped");
+        assert_eq!(vm.config["tags"], "flotilla-c-prod;flotilla-g-workers;flotilla-stopped");
+    }
+    // A VM of a group without a pool that is stopped (by hand, or a crash) is what it always
+    // was: an interrupted machine CA deletes; and an untagged stopped VM in a pool group too.
+    {
+        let mut s = pve.state();
+        s.vms.get_mut(&plain.id.parse::<u32>().unwrap()).unwrap().status = "stopped".into();
+    }
+    let listed: std::collections::BTreeMap<String, flotilla::driver::MachineState> =
+        d.list().await.unwrap().into_iter().map(|m| (m.name, m.state)).collect();
+    assert_eq!(listed["prod-workers-abcde"], flotilla::driver::MachineState::Stopped);
+    assert!(
+        matches!(&listed["prod-plain-fghij"], flotilla::driver::MachineState::Failed(f) if f.code == "INTERRUPTED")
+    );
+
+    let started = d.start(&machine).await.unwrap();
+    assert_eq!(started.state, flotilla::driver::MachineState::Creating);
+    {
+        let s = pve.state();
+        let vm = &s.vms[&m.id.parse::<u32>().unwrap()];
+        assert_eq!(vm.status, "running");
+        assert_eq!(vm.config["tags"], "flotilla-c-prod;flotilla-g-workers", "untagged before the start");
+        let starts = s.calls("POST", &format!("qemu/{}/status/start", m.id));
+        assert_eq!(starts.len(), 2, "one at create, one from the pool");
+    }
+    let listed = d.list().await.unwrap();
+    assert!(
+        listed.iter().any(|x| x.name == "prod-workers-abcde" && x.state == flotilla::driver::MachineState::Running)
+    );
+    pve.assert_clean();
+}
