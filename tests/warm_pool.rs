@@ -303,7 +303,7 @@ async fn openstack_stops_a_deleted_server_into_the_pool_and_starts_it_for_the_ne
 
     support::increase(&mut c, "workers", 1).await.unwrap();
     let running = support::wait_running(&c, "workers", 1, LIMIT).await;
-    assert_eq!(running, [id.clone()], "the stopped server was started, none created");
+    assert_eq!(running, std::slice::from_ref(&id), "the stopped server was started, none created");
     assert_eq!(status(&os), [serde_json::json!({ "os-stop": null }), serde_json::json!({ "os-start": null })]);
     assert_eq!(os.count(axum::http::Method::POST, "/servers"), 1, "one create in all");
     server.stop().await.unwrap();
