@@ -1,4 +1,4 @@
-//! The narrow client of the Kamatera API behind `cloudcli.cloudwm.com`: the seven calls the
+//! The narrow client of the Kamatera API behind `cloudcli.cloudwm.com`: the eight calls the
 //! driver makes, on the shared HTTP layer, the shapes of their answers, and the one place where
 //! Kamatera's answers become [`driver::Error`] classes.
 //!
@@ -14,8 +14,8 @@
 //!   (bad credentials among them) as **200** with `{"errors": [{"code", "info"}]}`.
 //!
 //! # Retries
-//! Only reads are retried (tag lookups, queue polls, recent commands): a create, terminate or
-//! power call is sent once, because repeating one is not safe (two servers, or a command run
+//! Only reads are retried (tag lookups, queue polls, recent commands): a create, terminate,
+//! power or tag-adding call is sent once, because repeating one is not safe (two servers, or a command run
 //! twice); the driver resolves an unclear outcome by looking, never by asking again. The server
 //! listing of a Refresh is not retried either: the core lists again on the next loop. Bad
 //! credentials are never retried (the in-tree provider retries every failure five times over
@@ -213,15 +213,19 @@ impl Api {
         const WHAT: &str = "POST /server/tags";
         let r =
             self.call(reqwest::Method::POST, "/server/tags", WHAT).json(&server.target()).idempotent().send().await?;
-        let rows = array(r.json()?, WHAT)?;
-        rows.iter()
-            .map(|row| {
-                row.get("tagName")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .ok_or_else(|| shape(WHAT, "a tag without tagName"))
-            })
-            .collect()
+        tag_names(r.json()?, WHAT)
+    }
+
+    /// Adds tag `tag` to a server (the proxy creates the account's tag if it is new) and returns
+    /// the server's tags after it: `POST /server/tags` with `add`. Sent once; the driver reads
+    /// the tags back when the answer is lost.
+    pub async fn add_tag(&self, server: &ServerRow, tag: &str) -> Result<Vec<String>> {
+        const WHAT: &str = "POST /server/tags (add)";
+        let mut body = server.target();
+        body["add"] = json!(tag);
+        let r =
+            self.call(reqwest::Method::POST, "/server/tags", WHAT).json(&body).retry(http::Retry::NONE).send().await?;
+        tag_names(r.json()?, WHAT)
     }
 
     /// Starts a create: `POST /service/server`, sent once. Returns the command id; a generated
@@ -311,6 +315,19 @@ impl Api {
             })
             .collect())
     }
+}
+
+/// The tag names of a `POST /server/tags` answer: `[{"id", "tagName"}]`.
+fn tag_names(v: Value, what: &'static str) -> Result<Vec<String>> {
+    array(v, what)?
+        .iter()
+        .map(|row| {
+            row.get("tagName")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| shape(what, "a tag without tagName"))
+        })
+        .collect()
 }
 
 fn shape(what: &'static str, detail: &str) -> Error {
