@@ -229,7 +229,8 @@ impl Api {
     }
 
     /// Starts a create: `POST /service/server`, sent once. Returns the command id; a generated
-    /// password in the answer is dropped unread.
+    /// password in the answer is dropped unread, and the root password is taken out of an error
+    /// answer that repeats it (see [`redact`]).
     pub async fn create_server(&self, body: &Value) -> Result<String> {
         const WHAT: &str = "POST /service/server";
         let r = self
@@ -238,7 +239,8 @@ impl Api {
             .timeout(self.create_timeout)
             .retry(http::Retry::NONE)
             .send()
-            .await?;
+            .await
+            .map_err(|e| redact(e, body.get("password").and_then(Value::as_str).unwrap_or_default()))?;
         let v: Value = r.json()?;
         // `{"commandIds": [...], "password": ...}` when the password was `__generate__`.
         let ids = match v {
@@ -314,6 +316,38 @@ impl Api {
                 Some(RecentCommand { id, info: text("commandInfo"), server: text("serviceName") })
             })
             .collect())
+    }
+}
+
+/// An error answer with `secret` taken out of its message and body. cloudcli-server before
+/// December 2019 checked root passwords itself and refused one with "... for field password
+/// (password=<the password>)"; the backend's words are not published. The message may be cut
+/// (long bodies are), so a cut-off start of the secret at its end goes too.
+fn redact(e: http::Error, secret: &str) -> http::Error {
+    const REDACTED: &str = "<redacted>";
+    if secret.is_empty() || secret == "__generate__" {
+        return e;
+    }
+    let clean = |text: &str| {
+        let mut text = text.replace(secret, REDACTED);
+        // The longest start of the secret (4 characters or more) the text ends with.
+        let cut =
+            (4..secret.len()).rev().filter(|&n| secret.is_char_boundary(n)).find(|&n| text.ends_with(&secret[..n]));
+        if let Some(n) = cut {
+            text.truncate(text.len() - n);
+            text.push_str(REDACTED);
+        }
+        text
+    };
+    match e {
+        http::Error::Status { what, status, message, retry_after, body } => http::Error::Status {
+            what,
+            status,
+            message: clean(&message),
+            retry_after,
+            body: clean(&String::from_utf8_lossy(&body)).into_bytes().into(),
+        },
+        other => other,
     }
 }
 
@@ -395,6 +429,30 @@ mod tests {
     fn backend_errors_read_as_the_proxy_joins_them() {
         let m = json!({ "errors": [{ "code": 7, "info": "Authentication failed" }, { "info": "again" }] });
         assert_eq!(backend_message(m.as_object().unwrap()), "Authentication failed (7). again");
+    }
+
+    #[test]
+    fn an_error_answer_never_repeats_the_root_password() {
+        let status = |message: &str| http::Error::Status {
+            what: "POST /service/server".into(),
+            status: 400,
+            message: message.into(),
+            retry_after: None,
+            body: format!(r#"{{"message":"{message}"}}"#).into_bytes().into(),
+        };
+        let said = "must have at least one of: '0123456789' for field password (password=Secret!pw-x)";
+        let e = redact(status(said), "Secret!pw-x");
+        let (text, body) = match &e {
+            http::Error::Status { body, .. } => (e.to_string(), String::from_utf8_lossy(body).into_owned()),
+            _ => unreachable!(),
+        };
+        assert!(text.ends_with("for field password (password=<redacted>)"), "{text}");
+        assert!(!body.contains("Secret!pw-x") && body.contains("<redacted>"), "{body}");
+        // A message cut off half way through the password.
+        let e = redact(status("invalid flag value (password=Secre"), "Secret!pw-x");
+        assert!(e.to_string().ends_with("(password=<redacted>"), "{e}");
+        // Nothing to take out.
+        assert_eq!(redact(status("quota exceeded"), "").to_string(), status("quota exceeded").to_string());
     }
 
     #[test]
