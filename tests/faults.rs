@@ -1,7 +1,8 @@
 //! The promises of README "How Flotilla behaves", under faults, on the simulated cloud: every
 //! call failing, hanging or losing its answer after the cloud acted; listings racing every
 //! create and delete outcome; a hundred concurrent IncreaseSize; repeated and conflicting
-//! DeleteNodes; `kill -9` of a real `flotilla serve` during creates and during deletes. Each
+//! DeleteNodes; `kill -9` of a real `flotilla serve` during creates and during deletes; calls
+//! whose waits would outlast cluster-autoscaler's deadline answer before it. Each
 //! test plays cluster-autoscaler until the fleet settles and then compares what the cloud holds
 //! with what Flotilla reports over gRPC (`support::faults::settle`), failing on any difference.
 
@@ -323,4 +324,123 @@ async fn kill_9_during_deletes_then_restart_finishes_every_accepted_delete() {
     assert_eq!(settled.groups["g"], [up.groups["g"][2].clone()]);
     delete(&mut c, "g", &victims).await.expect("repeating an accepted delete is a no-op");
     serve.kill_9();
+}
+
+// === the caller's deadline ===
+
+/// A server over a simulated cloud whose waits (`refresh_timeout`) are longer than the
+/// caller's deadline, with `prepare` run on the cloud before the server starts.
+async fn start_with_waits(
+    refresh_timeout: &str,
+    cloud_extra: &str,
+    prepare: impl AsyncFnOnce(&Simulated),
+) -> (flotilla::Running, Client, Arc<Simulated>) {
+    let text = format!(
+        "cluster_name = \"t\"\n[state]\nrefresh_timeout = \"{refresh_timeout}\"\nmax_staleness = \"1m\"\n\
+         [clouds.sim]\ndriver = \"simulated\"\ndelete_timeout = \"2s\"\n{cloud_extra}\n\
+         [groups.g]\ncloud = \"sim\"\nmax_size = 5\n"
+    );
+    let config = support::config(&text);
+    let table = config.raw["clouds"]["sim"].as_table().unwrap().clone();
+    let mut p = flotilla::config::Problems::default();
+    let mut section = flotilla::config::Section::new("clouds.sim", &table).skipping(flotilla::config::CLOUD_KEYS);
+    let sim = Arc::new(Simulated::new("t", simulated::Settings::parse(&mut section, &mut p)).unwrap());
+    assert!(p.is_empty(), "{p}");
+    prepare(&sim).await;
+    let (server, client) = support::start_with(config, vec![Arc::clone(&sim) as SharedDriver]).await;
+    (server, client, sim)
+}
+
+/// A request carrying a deadline in `grpc-timeout`, as cluster-autoscaler sends every call.
+fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.set_timeout(deadline);
+    r
+}
+
+#[tokio::test]
+async fn calls_right_after_a_start_answer_unavailable_before_the_callers_deadline_when_the_cloud_is_not_listed() {
+    use flotilla::proto::externalgrpc as pb;
+    // The first listing hangs; each call would wait 30 s for it, the caller gives it 1 s.
+    let (server, mut c, _sim) =
+        start_with_waits("30s", "", async |sim| sim.faults().always(Op::List, Some(Fault::Hang))).await;
+    let deadline = Duration::from_secs(1);
+    let id = || "g".to_owned();
+    let node = pb::ExternalGrpcNode { provider_id: "simulated://t/t-g-zzzzz".into(), ..Default::default() };
+    let answers: Vec<(&str, Result<(), tonic::Status>)> = vec![
+        (
+            "IncreaseSize",
+            c.node_group_increase_size(with_deadline(
+                pb::NodeGroupIncreaseSizeRequest { id: id(), delta: 1 },
+                deadline,
+            ))
+            .await
+            .map(drop),
+        ),
+        (
+            "DeleteNodes",
+            c.node_group_delete_nodes(with_deadline(
+                pb::NodeGroupDeleteNodesRequest { id: id(), nodes: vec![node.clone()] },
+                deadline,
+            ))
+            .await
+            .map(drop),
+        ),
+        (
+            "DecreaseTargetSize",
+            c.node_group_decrease_target_size(with_deadline(
+                pb::NodeGroupDecreaseTargetSizeRequest { id: id(), delta: -1 },
+                deadline,
+            ))
+            .await
+            .map(drop),
+        ),
+        (
+            "TargetSize",
+            c.node_group_target_size(with_deadline(pb::NodeGroupTargetSizeRequest { id: id() }, deadline))
+                .await
+                .map(drop),
+        ),
+        ("Nodes", c.node_group_nodes(with_deadline(pb::NodeGroupNodesRequest { id: id() }, deadline)).await.map(drop)),
+        (
+            "NodeGroupForNode",
+            c.node_group_for_node(with_deadline(pb::NodeGroupForNodeRequest { node: Some(node) }, deadline))
+                .await
+                .map(drop),
+        ),
+        ("Refresh", c.refresh(with_deadline(pb::RefreshRequest {}, deadline)).await.map(drop)),
+    ];
+    for (call, answer) in answers {
+        let status = answer.expect_err(call);
+        // Not DEADLINE_EXCEEDED or CANCELLED: the caller hears why, and that nothing was done.
+        assert_eq!(status.code(), Code::Unavailable, "{call}: {status:?}");
+        assert!(
+            status.message().contains("not been listed") || status.message().contains("stale"),
+            "{call}: {status:?}"
+        );
+    }
+    assert_eq!(server.fleet.target_size(0), 0, "nothing was recorded");
+    server.shutdown_token().cancel();
+}
+
+#[tokio::test]
+async fn delete_nodes_right_after_a_start_answers_within_the_callers_deadline_though_listing_and_marks_are_slow() {
+    // The first listing takes 1 s and every mark hangs; refresh_timeout is 1.5 s. Waiting for
+    // each in turn (1 s + 1.5 s) would pass cluster-autoscaler's deadline of 2 s.
+    let (server, mut c, sim) = start_with_waits("1500ms", "list_latency = \"1s\"", async |sim| {
+        flotilla::driver::Driver::create(sim, "g", "t-g-aaaaa").await.unwrap();
+        sim.faults().always(Op::Mark, Some(Fault::Hang));
+    })
+    .await;
+    let node = flotilla::proto::externalgrpc::ExternalGrpcNode {
+        provider_id: "simulated://t/t-g-aaaaa".into(),
+        ..Default::default()
+    };
+    let request = flotilla::proto::externalgrpc::NodeGroupDeleteNodesRequest { id: "g".into(), nodes: vec![node] };
+    c.node_group_delete_nodes(with_deadline(request, Duration::from_secs(2)))
+        .await
+        .expect("accepted within the deadline, though the cloud has not recorded it yet");
+    // The delete goes ahead once the mark gives up (delete_timeout, 2 s).
+    cloud_reaches("the machine deleted", Duration::from_secs(20), || view(&sim), |v| v.is_empty()).await;
+    server.shutdown_token().cancel();
 }

@@ -562,6 +562,127 @@ async fn delete_waits_for_a_create_still_running_before_it_terminates() {
     fake.assert_clean();
 }
 
+// === marks: an accepted delete outlives the process ===
+
+const DELETING: &str = flotilla::driver::kamatera::TAG_DELETING;
+
+fn workers(name: &str) -> MachineRef {
+    MachineRef { group: "workers".into(), name: name.into(), id: name.into() }
+}
+
+#[tokio::test]
+async fn a_marked_server_is_tagged_by_id_listed_deleting_and_deleted_by_a_restarted_flotilla() {
+    let fake = Fake::start().await;
+    let id = fake.state().add_server("prod-workers-aaaaa", "on", OURS);
+    let text = config_text(&fake, "", "");
+    let first = driver_of(&text);
+    assert_eq!(by_name(&first.list().await.unwrap(), "prod-workers-aaaaa"), MachineState::Running);
+    first.mark_deleting(&workers("prod-workers-aaaaa")).await.unwrap();
+    {
+        let s = fake.state();
+        let adds: Vec<_> = s.calls("POST", "/server/tags").into_iter().filter(|r| r.key("add").is_some()).collect();
+        assert_eq!(adds.len(), 1);
+        assert_eq!(adds[0].body.as_ref().unwrap(), &json!({ "id": id, "add": DELETING }));
+        assert_eq!(s.server("prod-workers-aaaaa").unwrap().tags, ["k8sca-prod", "k8scang-workers", DELETING]);
+    }
+    assert_eq!(by_name(&first.list().await.unwrap(), "prod-workers-aaaaa"), MachineState::Deleting);
+    first.mark_deleting(&workers("prod-workers-aaaaa")).await.unwrap();
+    let adds = fake.state().calls("POST", "/server/tags").into_iter().filter(|r| r.key("add").is_some()).count();
+    assert_eq!(adds, 1, "marking again asks nothing");
+    drop(first);
+
+    // A new process reads the mark from Kamatera.
+    let second = driver_of(&text);
+    assert_eq!(by_name(&second.list().await.unwrap(), "prod-workers-aaaaa"), MachineState::Deleting);
+    second.delete(&workers("prod-workers-aaaaa")).await.unwrap();
+    assert!(fake.settled().servers.is_empty());
+    assert!(matches!(second.mark_deleting(&workers("prod-workers-aaaaa")).await, Err(Error::NotFound(_))));
+    fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_mark_whose_answer_is_lost_is_read_back_and_one_refused_is_an_error() {
+    let fake = Fake::start().await;
+    fake.state().add_server("prod-workers-aaaaa", "on", OURS);
+    fake.state().add_server("prod-workers-bbbbb", "on", OURS);
+    let driver = driver_of(&config_text(&fake, "", ""));
+    driver.list().await.unwrap();
+    fake.fault_next("POST", "/server/tags", Some("add"), Some("prod-workers-aaaaa"), fake::CallFault::LoseAnswer);
+    driver.mark_deleting(&workers("prod-workers-aaaaa")).await.expect("the tag landed; its answer did not");
+    let refused = json!({ "message": json!({ "errors": [{ "code": 5, "info": "temporary failure" }] }).to_string() });
+    fake.fault_next(
+        "POST",
+        "/server/tags",
+        Some("add"),
+        Some("prod-workers-bbbbb"),
+        fake::CallFault::Fail(500, refused.to_string()),
+    );
+    let e = driver.mark_deleting(&workers("prod-workers-bbbbb")).await.unwrap_err();
+    assert!(!matches!(e, Error::NotFound(_)), "a refused mark is no proof the server is gone: {e:?}");
+    let m = driver.list().await.unwrap();
+    assert_eq!(by_name(&m, "prod-workers-aaaaa"), MachineState::Deleting);
+    assert_eq!(by_name(&m, "prod-workers-bbbbb"), MachineState::Running);
+    let adds = fake.state().calls("POST", "/server/tags").into_iter().filter(|r| r.key("add").is_some()).count();
+    assert_eq!(adds, 2, "a tag change is sent once");
+    fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_server_still_being_created_is_tagged_by_its_delete_once_the_create_is_done() {
+    let fake = Fake::start().await;
+    fake.state().faults.run_time = Duration::from_millis(300);
+    let driver = driver_of(&config_text(&fake, "", ""));
+    driver.create("workers", "prod-workers-aaaaa").await.unwrap();
+    let e = driver.mark_deleting(&workers("prod-workers-aaaaa")).await.unwrap_err();
+    assert!(matches!(&e, Error::Unavailable(m) if m.contains("still being created")), "{e:?}");
+    fake.state().faults.run_time = Duration::from_secs(3600);
+    let delete = tokio::spawn({
+        let driver = driver.clone();
+        async move { driver.delete(&workers("prod-workers-aaaaa")).await }
+    });
+    // Terminating: the server carries the mark, and a restarted Flotilla would see it.
+    let tags = support::eventually(LIMIT, "the terminate to start", || {
+        let s = fake.settled();
+        let t = s.command_for(Kind::Terminate, "prod-workers-aaaaa").and_then(|_| s.server("prod-workers-aaaaa"));
+        let tags = t.map(|v| v.tags.clone());
+        async move { tags }
+    })
+    .await;
+    assert!(tags.iter().any(|t| t == DELETING), "{tags:?}");
+    let restarted = driver_of(&config_text(&fake, "", ""));
+    assert_eq!(by_name(&restarted.list().await.unwrap(), "prod-workers-aaaaa"), MachineState::Deleting);
+    fake.finish_commands();
+    delete.await.unwrap().unwrap();
+    fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_terminate_queued_behind_one_that_removed_the_server_counts_as_done() {
+    let fake = Fake::start().await;
+    fake.state().add_server("prod-workers-aaaaa", "on", &["k8sca-prod", "k8scang-workers", DELETING]);
+    fake.state().faults.run_time = Duration::from_millis(400);
+    let text = config_text(&fake, "", "");
+    // A process that died mid-terminate left its command running; the next one deletes again.
+    let first = driver_of(&text);
+    let dying = tokio::spawn(async move { first.delete(&workers("prod-workers-aaaaa")).await });
+    support::eventually(LIMIT, "the first terminate", || {
+        let sent = fake.state().command_for(Kind::Terminate, "prod-workers-aaaaa").is_some();
+        async move { sent.then_some(()) }
+    })
+    .await;
+    dying.abort();
+    let second = driver_of(&text);
+    second.delete(&workers("prod-workers-aaaaa")).await.expect("the server is gone, whichever terminate did it");
+    {
+        let s = fake.settled();
+        assert!(s.servers.is_empty());
+        let terminates: Vec<_> = s.commands.values().filter(|c| c.kind == Kind::Terminate).collect();
+        assert_eq!(terminates.len(), 2);
+        assert_eq!(terminates[1].status(std::time::Instant::now()), "error", "Kamatera ran the second on nothing");
+    }
+    fake.assert_clean();
+}
+
 // === errors ===
 
 #[tokio::test]

@@ -225,6 +225,84 @@ async fn delete_is_idempotent_and_never_touches_a_vm_that_is_not_tagged_as_that_
     t.fake.assert_clean();
 }
 
+// === marks: an accepted delete outlives the process ===
+
+#[tokio::test]
+async fn a_marked_vm_is_tagged_listed_deleting_and_deleted_by_a_restarted_flotilla() {
+    let t = Setup::new().await;
+    let d = t.plain();
+    let m = d.create("agents", "homelab-agents-aaaaa").await.unwrap();
+    d.mark_deleting(&MachineRef::from(&m)).await.unwrap();
+    {
+        let s = t.fake.state();
+        let patches = s.calls("PATCH", &format!("/vm/{}/tags", m.id));
+        assert_eq!(patches.len(), 1);
+        assert_eq!(patches[0].body.as_ref().unwrap(), &serde_json::json!({ "add": ["flotilla-deleting=true"] }));
+        assert!(s.vms[&m.id].tags.iter().any(|t| t == flotilla::driver::slicer::MARK_DELETING));
+    }
+    let state = |machines: Vec<flotilla::driver::Machine>| machines.into_iter().find(|x| x.id == m.id).unwrap().state;
+    assert_eq!(state(d.list().await.unwrap()), MachineState::Deleting);
+    d.mark_deleting(&MachineRef::from(&m)).await.unwrap();
+    assert_eq!(t.fake.state().calls("PATCH", &format!("/vm/{}/tags", m.id)).len(), 1, "marking again asks nothing");
+
+    // A new process reads the mark from the daemon.
+    let restarted = t.plain();
+    assert_eq!(state(restarted.list().await.unwrap()), MachineState::Deleting);
+    restarted.delete(&MachineRef::from(&m)).await.unwrap();
+    assert!(!t.fake.state().vms.contains_key(&m.id));
+    assert!(matches!(restarted.mark_deleting(&MachineRef::from(&m)).await, Err(Error::NotFound(_))));
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_vm_that_is_not_that_machine_is_never_tagged() {
+    let t = Setup::new().await;
+    let d = t.plain();
+    let foreign = t.fake.state().add_foreign_vm("agents", &["user=alice"]);
+    let other = t.fake.state().add_foreign_vm("agents", &tags(&ours("agents", "homelab-agents-other")));
+    // The start-up VM, a stranger's VM, and a hostname now used by another of our machines.
+    for (id, name) in
+        [("agents-1", "homelab-agents-ccccc"), (foreign.as_str(), "x"), (other.as_str(), "homelab-agents-zzzzz")]
+    {
+        let e = d.mark_deleting(&machine("agents", name, id)).await.unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{id}: {e}");
+    }
+    let patches: Vec<String> = t.fake.state().call_lines().into_iter().filter(|l| l.starts_with("PATCH")).collect();
+    assert!(patches.is_empty(), "{patches:?}");
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_daemon_that_cannot_change_tags_is_asked_once_and_deletes_go_on_unmarked() {
+    let t = Setup::new().await;
+    t.fake.state().faults.tag_updates = false;
+    let d = t.plain();
+    let a = d.create("agents", "homelab-agents-aaaaa").await.unwrap();
+    let b = d.create("agents", "homelab-agents-bbbbb").await.unwrap();
+    d.mark_deleting(&MachineRef::from(&a)).await.expect("nothing to record on this daemon: not an error");
+    d.mark_deleting(&MachineRef::from(&b)).await.unwrap();
+    let patches: Vec<String> = t.fake.state().call_lines().into_iter().filter(|l| l.starts_with("PATCH /vm")).collect();
+    assert_eq!(patches, [format!("PATCH /vm/{}/tags", a.id)], "asked once per process");
+    assert!(d.list().await.unwrap().iter().all(|m| m.state == MachineState::Running));
+    d.delete(&MachineRef::from(&a)).await.unwrap();
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_tag_change_whose_answer_is_lost_is_repeated_safely() {
+    let t = Setup::new().await;
+    let d = t.plain();
+    let m = d.create("agents", "homelab-agents-aaaaa").await.unwrap();
+    t.fake.fault_next("PATCH", &format!("/vm/{}/tags", m.id), fake::CallFault::LoseAnswer);
+    d.mark_deleting(&MachineRef::from(&m)).await.expect("the add is atomic: asked again");
+    let s = t.fake.state();
+    assert_eq!(s.calls("PATCH", &format!("/vm/{}/tags", m.id)).len(), 2);
+    let marks = s.vms[&m.id].tags.iter().filter(|t| *t == flotilla::driver::slicer::MARK_DELETING).count();
+    assert_eq!(marks, 1);
+    drop(s);
+    t.fake.assert_clean();
+}
+
 #[tokio::test]
 async fn a_full_host_group_is_out_of_resources_and_other_errors_keep_the_apis_words() {
     let t = Setup::new().await;

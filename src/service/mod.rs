@@ -1,9 +1,13 @@
 //! The externalgrpc `CloudProvider` service: proto in, fleet calls, proto out. It knows nothing
 //! of any cloud; every error becomes a status in [`status`].
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 use tracing::debug;
 
 use crate::{
@@ -73,17 +77,45 @@ impl Service {
         Ok(self.fleet.group_index(id)?)
     }
 
+    /// When this call must stop waiting for the cloud ([`Fleet::wait_until`]): never past the
+    /// caller's deadline.
+    fn wait_until(&self, metadata: &MetadataMap) -> tokio::time::Instant {
+        self.fleet.wait_until(caller_timeout(metadata))
+    }
+
     /// A group whose sizes are known: its cloud has been listed since start (the first calls
-    /// after a start wait for that listing, bounded; see [`Fleet::wait_listed`]).
-    async fn listed_group(&self, id: &str) -> Result<usize, Status> {
+    /// after a start wait for that listing until `until`; see [`Fleet::wait_listed_until`]).
+    async fn listed_group(&self, id: &str, until: tokio::time::Instant) -> Result<usize, Status> {
         let g = self.group(id)?;
-        self.fleet.wait_listed(g).await?;
+        self.fleet.wait_listed_until(g, until).await?;
         Ok(g)
     }
 
     fn priced_groups(&self) -> impl Iterator<Item = (usize, f64)> + '_ {
         self.fleet.groups.iter().enumerate().filter_map(|(i, g)| g.config.price_per_hour.map(|p| (i, p)))
     }
+}
+
+/// The caller's deadline, from the `grpc-timeout` request header (cluster-autoscaler sends its
+/// `grpc_timeout`, 5 s by default). The format is gRPC over HTTP/2's: at most 8 digits and a unit
+/// (`H`, `M`, `S`, `m`, `u`, `n`). `None` when absent or malformed (tonic ignores those too).
+fn caller_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let split = value.len().checked_sub(1)?;
+    let (digits, unit) = value.split_at(split);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn instance(provider_id: &str, phase: InstancePhase<'_>) -> pb::Instance {
@@ -118,13 +150,14 @@ impl CloudProvider for Service {
         request: Request<pb::NodeGroupForNodeRequest>,
     ) -> Result<Response<pb::NodeGroupForNodeResponse>, Status> {
         self.instrument("NodeGroupForNode", async {
+            let until = self.wait_until(request.metadata());
             let node = request.into_inner().node.unwrap_or_default();
             // Fake nodes for unregistered instances carry the instance id as both name and
             // providerID, so one index lookup serves both. Unknown nodes are not an error, once
             // every cloud has been listed and the node is known to be none of ours.
             let mut group = self.fleet.group_of(&node.provider_id);
             if group.is_none() {
-                self.fleet.wait_all_listed().await?;
+                self.fleet.wait_all_listed_until(until).await?;
                 group = self.fleet.group_of(&node.provider_id);
             }
             let node_group = group.map(|g| self.node_groups[g].clone()).unwrap_or_default();
@@ -171,13 +204,14 @@ impl CloudProvider for Service {
             if self.priced_groups().next().is_none() {
                 return Err(Status::unimplemented("no node group has price_per_hour configured"));
             }
+            let until = self.wait_until(request.metadata());
             let r = request.into_inner();
             let pod = if r.pod_bytes.is_empty() { &r.pod } else { &r.pod_bytes };
             let requests = pricing::pod_requests(pod)
                 .map_err(|e| Status::invalid_argument(format!("pod is not a serialized v1.Pod: {e}")))?;
             let mut shapes = Vec::new();
             for (g, price) in self.priced_groups() {
-                let t = self.fleet.template(g).await?;
+                let t = self.fleet.template_until(g, until).await?;
                 let cpu = t.capacity("cpu").and_then(crate::quantity::parse_cpu_millis).unwrap_or(0);
                 let mem = t.capacity("memory").and_then(crate::quantity::parse_bytes).unwrap_or(0);
                 shapes.push((price, cpu, mem));
@@ -217,9 +251,9 @@ impl CloudProvider for Service {
         self.instrument("Cleanup", async { Ok(pb::CleanupResponse {}) }).await
     }
 
-    async fn refresh(&self, _: Request<pb::RefreshRequest>) -> Result<Response<pb::RefreshResponse>, Status> {
+    async fn refresh(&self, request: Request<pb::RefreshRequest>) -> Result<Response<pb::RefreshResponse>, Status> {
         self.instrument("Refresh", async {
-            self.fleet.refresh().await?;
+            self.fleet.refresh_until(self.wait_until(request.metadata())).await?;
             Ok(pb::RefreshResponse {})
         })
         .await
@@ -230,7 +264,7 @@ impl CloudProvider for Service {
         request: Request<pb::NodeGroupTargetSizeRequest>,
     ) -> Result<Response<pb::NodeGroupTargetSizeResponse>, Status> {
         self.instrument("NodeGroupTargetSize", async {
-            let g = self.listed_group(&request.get_ref().id).await?;
+            let g = self.listed_group(&request.get_ref().id, self.wait_until(request.metadata())).await?;
             let target_size = i32::try_from(self.fleet.target_size(g)).unwrap_or(i32::MAX);
             Ok(pb::NodeGroupTargetSizeResponse { target_size })
         })
@@ -243,7 +277,7 @@ impl CloudProvider for Service {
     ) -> Result<Response<pb::NodeGroupIncreaseSizeResponse>, Status> {
         self.instrument("NodeGroupIncreaseSize", async {
             let r = request.get_ref();
-            let g = self.listed_group(&r.id).await?;
+            let g = self.listed_group(&r.id, self.wait_until(request.metadata())).await?;
             self.fleet.increase(g, r.delta)?;
             Ok(pb::NodeGroupIncreaseSizeResponse {})
         })
@@ -256,14 +290,16 @@ impl CloudProvider for Service {
     ) -> Result<Response<pb::NodeGroupDeleteNodesResponse>, Status> {
         self.instrument("NodeGroupDeleteNodes", async {
             let r = request.get_ref();
-            let g = self.listed_group(&r.id).await?;
+            // One deadline for both waits (the first listing, then the cloud's delete records).
+            let until = self.wait_until(request.metadata());
+            let g = self.listed_group(&r.id, until).await?;
             // A node without providerID can only be a fake node named after its instance id.
             let ids: Vec<&str> = r
                 .nodes
                 .iter()
                 .map(|n| if n.provider_id.is_empty() { n.name.as_str() } else { n.provider_id.as_str() })
                 .collect();
-            self.fleet.delete_nodes(g, &ids).await?;
+            self.fleet.delete_nodes_until(g, &ids, until).await?;
             Ok(pb::NodeGroupDeleteNodesResponse {})
         })
         .await
@@ -275,7 +311,7 @@ impl CloudProvider for Service {
     ) -> Result<Response<pb::NodeGroupDecreaseTargetSizeResponse>, Status> {
         self.instrument("NodeGroupDecreaseTargetSize", async {
             let r = request.get_ref();
-            let g = self.listed_group(&r.id).await?;
+            let g = self.listed_group(&r.id, self.wait_until(request.metadata())).await?;
             self.fleet.decrease(g, r.delta)?;
             Ok(pb::NodeGroupDecreaseTargetSizeResponse {})
         })
@@ -287,7 +323,7 @@ impl CloudProvider for Service {
         request: Request<pb::NodeGroupNodesRequest>,
     ) -> Result<Response<pb::NodeGroupNodesResponse>, Status> {
         self.instrument("NodeGroupNodes", async {
-            let g = self.listed_group(&request.get_ref().id).await?;
+            let g = self.listed_group(&request.get_ref().id, self.wait_until(request.metadata())).await?;
             let mut instances = Vec::with_capacity(self.fleet.target_size(g));
             self.fleet.for_each_instance(g, |id, phase| instances.push(instance(id, phase)));
             Ok(pb::NodeGroupNodesResponse { instances })
@@ -301,7 +337,7 @@ impl CloudProvider for Service {
     ) -> Result<Response<pb::NodeGroupTemplateNodeInfoResponse>, Status> {
         self.instrument("NodeGroupTemplateNodeInfo", async {
             let g = self.group(&request.get_ref().id)?;
-            let template = self.fleet.template(g).await?;
+            let template = self.fleet.template_until(g, self.wait_until(request.metadata())).await?;
             // Both generations: CA < 1.35 reads field 1, CA >= 1.35 field 2.
             Ok(pb::NodeGroupTemplateNodeInfoResponse {
                 node_info: template.bytes.clone(),
@@ -327,5 +363,31 @@ impl CloudProvider for Service {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(value: &str) -> Option<Duration> {
+        let mut m = MetadataMap::new();
+        m.insert("grpc-timeout", value.parse().unwrap());
+        caller_timeout(&m)
+    }
+
+    #[test]
+    fn the_callers_deadline_is_read_in_every_unit_of_the_grpc_timeout_header() {
+        assert_eq!(caller_timeout(&MetadataMap::new()), None);
+        // What grpc-go sends for cluster-autoscaler's default 5 s, and what tonic sends.
+        assert_eq!(timeout_of("4999848u"), Some(Duration::from_micros(4_999_848)));
+        assert_eq!(timeout_of("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout_of("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout_of("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout_of("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout_of("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "5", "5s", "123456789S", "-5S", "+5S", "5 S", "1.5S"] {
+            assert_eq!(timeout_of(bad), None, "{bad:?}");
+        }
     }
 }

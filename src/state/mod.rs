@@ -619,10 +619,29 @@ impl Fleet {
         }
     }
 
+    /// When an RPC must stop waiting for the cloud: `state.refresh_timeout` from now, or earlier
+    /// when the caller's own deadline (`caller_timeout`, gRPC's `grpc-timeout`) leaves less.
+    /// Every wait of one RPC shares it, and it keeps a tenth of the caller's time (at most 1 s)
+    /// to answer in: the caller hears what happened (UNAVAILABLE "not listed yet", or deletes
+    /// accepted but not yet recorded in the cloud) instead of its deadline passing while the
+    /// work goes on unseen.
+    pub fn wait_until(&self, caller_timeout: Option<Duration>) -> Instant {
+        let mut wait = self.state_config.refresh_timeout;
+        if let Some(t) = caller_timeout {
+            wait = wait.min(t - (t / 10).min(Duration::from_secs(1)));
+        }
+        Instant::now() + wait
+    }
+
     /// Returns once group `g`'s cloud has been listed since start, listing it if no listing is
     /// under way, or [`Error::NotListed`] after `state.refresh_timeout`. Immediate once the
     /// first listing landed; only the first calls after a start wait.
     pub async fn wait_listed(self: &Arc<Self>, g: usize) -> Result<()> {
+        self.wait_listed_until(g, self.wait_until(None)).await
+    }
+
+    /// [`Fleet::wait_listed`], giving up at `until` (see [`Fleet::wait_until`]).
+    pub async fn wait_listed_until(self: &Arc<Self>, g: usize, until: Instant) -> Result<()> {
         if self.is_listed(g) {
             return Ok(());
         }
@@ -639,15 +658,15 @@ impl Fleet {
             // Spawned, so a caller that gives up does not cancel the listing half way.
             tokio::spawn(async move { fleet.refresh_cloud(c, fleet.started).await });
         }
-        let _ = tokio::time::timeout(self.state_config.refresh_timeout, listed).await;
+        let _ = tokio::time::timeout_at(until, listed).await;
         self.check_listed(g)
     }
 
-    /// [`Fleet::wait_listed`] for every cloud.
-    pub async fn wait_all_listed(self: &Arc<Self>) -> Result<()> {
+    /// [`Fleet::wait_listed_until`] for every cloud, all by the same `until`.
+    pub async fn wait_all_listed_until(self: &Arc<Self>, until: Instant) -> Result<()> {
         for cloud in &self.clouds {
             if let Some(&g) = cloud.groups.first() {
-                self.wait_listed(g).await?;
+                self.wait_listed_until(g, until).await?;
             }
         }
         Ok(())
@@ -972,6 +991,12 @@ impl Fleet {
     /// has recorded them too ([`Driver::mark_deleting`](crate::driver::Driver::mark_deleting)),
     /// so an accepted delete survives a restart; the deletes themselves run in the background.
     pub async fn delete_nodes(self: &Arc<Self>, g: usize, provider_ids: &[&str]) -> Result<()> {
+        self.delete_nodes_until(g, provider_ids, self.wait_until(None)).await
+    }
+
+    /// [`Fleet::delete_nodes`], waiting for the cloud's records only until `until` (see
+    /// [`Fleet::wait_until`]); the deletes are accepted either way.
+    pub async fn delete_nodes_until(self: &Arc<Self>, g: usize, provider_ids: &[&str], until: Instant) -> Result<()> {
         let (to_delete, to_stop, term) = self.accept_deletes(g, provider_ids)?;
         for (machine, provider_id) in to_stop {
             let fleet = Arc::clone(self);
@@ -993,7 +1018,7 @@ impl Fleet {
             marked.spawn(rx);
         }
         let all_marked = async { while marked.join_next().await.is_some() {} };
-        if tokio::time::timeout(self.state_config.refresh_timeout, all_marked).await.is_err() {
+        if tokio::time::timeout_at(until, all_marked).await.is_err() {
             warn!(
                 group = %self.groups[g].config.name,
                 "the cloud has not recorded every delete yet; they go ahead, but a restart before they finish may forget them"
@@ -1252,6 +1277,12 @@ impl Fleet {
     /// is fresh enough to act on. Waits at most `refresh_timeout`; slower listings finish in the
     /// background.
     pub async fn refresh(self: &Arc<Self>) -> Result<()> {
+        self.refresh_until(self.wait_until(None)).await
+    }
+
+    /// [`Fleet::refresh`], waiting for the listings only until `until` (see
+    /// [`Fleet::wait_until`]).
+    pub async fn refresh_until(self: &Arc<Self>, until: Instant) -> Result<()> {
         self.check_leading()?;
         let requested_at = Instant::now();
         let mut handles = Vec::with_capacity(self.clouds.len());
@@ -1259,7 +1290,7 @@ impl Fleet {
             let fleet = Arc::clone(self);
             handles.push(tokio::spawn(async move { fleet.refresh_cloud(c, requested_at).await }));
         }
-        let _ = tokio::time::timeout(self.state_config.refresh_timeout, futures_join_all(handles)).await;
+        let _ = tokio::time::timeout_at(until, futures_join_all(handles)).await;
         self.check_fresh()
     }
 
@@ -1553,6 +1584,29 @@ impl Fleet {
                     }
                     futures_join_all(handles).await;
                 }
+            }
+        }
+    }
+
+    /// [`Fleet::template`], waiting only until `until` (see [`Fleet::wait_until`]): a cloud
+    /// slower than that answers UNAVAILABLE, and the template is still built in the background
+    /// for the next call.
+    pub async fn template_until(self: &Arc<Self>, g: usize, until: Instant) -> Result<Arc<Template>> {
+        let fleet = Arc::clone(self);
+        // Spawned, so a caller that gives up does not cancel the cloud call half way.
+        let build = tokio::spawn(async move { fleet.template(g).await });
+        match tokio::time::timeout_at(until, build).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Ok(Err(_)) | Err(_) => {
+                let cloud = &self.clouds[self.groups[g].cloud].config.name;
+                Err(Error::Driver {
+                    cloud: cloud.clone(),
+                    source: driver::Error::Timeout(format!(
+                        "the cloud has not described the machines of node group {:?} yet; try again shortly",
+                        self.groups[g].config.name
+                    )),
+                })
             }
         }
     }

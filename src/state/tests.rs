@@ -10,7 +10,10 @@ use tokio::sync::oneshot;
 use super::*;
 use crate::driver::{
     Driver,
-    simulated::{Settings, Simulated},
+    simulated::{
+        Settings, Simulated,
+        faults::{Fault, Op},
+    },
 };
 
 // === a cloud the test answers for ===
@@ -709,4 +712,111 @@ async fn a_cloud_finishing_a_delete_that_returned_is_neither_shown_nor_asked_aga
     settle().await;
     assert_eq!(phases(&f), ["deleting"]);
     assert_eq!(d.answer_deletes(), 1);
+}
+
+// === the caller's deadline ===
+
+#[tokio::test(start_paused = true)]
+async fn an_rpc_waits_at_most_refresh_timeout_and_never_past_the_callers_deadline() {
+    let (f, _) = scripted(0);
+    assert_eq!(f.state_config.refresh_timeout, Duration::from_secs(3));
+    let wait = |t: Option<Duration>| f.wait_until(t) - Instant::now();
+    assert_eq!(wait(None), Duration::from_secs(3));
+    assert_eq!(wait(Some(Duration::from_secs(30))), Duration::from_secs(3));
+    // cluster-autoscaler's default 5 s leaves refresh_timeout as it is; shorter deadlines keep
+    // a tenth of themselves (at most a second) to answer in.
+    assert_eq!(wait(Some(Duration::from_secs(5))), Duration::from_secs(3));
+    assert_eq!(wait(Some(Duration::from_millis(3200))), Duration::from_millis(2880));
+    assert_eq!(wait(Some(Duration::from_millis(100))), Duration::from_millis(90));
+    assert_eq!(wait(Some(Duration::ZERO)), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wait_for_the_first_listing_ends_at_the_callers_deadline() {
+    let (f, d) = scripted(0);
+    d.put("m", MachineState::Running);
+    d.down.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let until = f.wait_until(Some(Duration::from_secs(2)));
+    assert!(matches!(f.wait_listed_until(0, until).await, Err(Error::NotListed { .. })));
+    assert_eq!(started.elapsed(), Duration::from_millis(1800));
+    assert!(matches!(f.wait_all_listed_until(until).await, Err(Error::NotListed { .. })), "the deadline has passed");
+    assert_eq!(started.elapsed(), Duration::from_millis(1800), "no second wait");
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_nodes_answers_by_the_callers_deadline_while_marks_hang_and_the_deletes_go_on() {
+    let (f, sim) = simulated();
+    f.reconcile_cloud(0, Vec::new(), Instant::now());
+    f.increase(0, 1).unwrap();
+    f.tasks().close();
+    f.tasks().wait().await;
+    f.reconcile_cloud(0, sim.list().await.unwrap(), Instant::now());
+    let victim = instances(&f)[0].0.clone();
+    sim.faults().push(Op::Mark, Fault::Hang);
+    let started = Instant::now();
+    let until = f.wait_until(Some(Duration::from_secs(1)));
+    f.delete_nodes_until(0, &[&victim], until).await.expect("accepted, though not yet recorded in the cloud");
+    assert_eq!(started.elapsed(), Duration::from_millis(900));
+    assert_eq!(phases(&f), ["deleting"]);
+    assert_eq!(f.target_size(0), 0);
+    // The mark times out (delete_timeout) and the delete goes ahead.
+    f.tasks().wait().await;
+    assert!(sim.machines().is_empty(), "{:?}", sim.machines());
+    assert!(instances(&f).is_empty());
+}
+
+/// A cloud that describes its machines only when the test says so.
+#[derive(Debug, Default)]
+struct SlowShape {
+    described: tokio::sync::Notify,
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Driver for SlowShape {
+    fn kind(&self) -> &'static str {
+        "slow-shape"
+    }
+
+    async fn list(&self) -> driver::Result<Vec<Machine>> {
+        Ok(Vec::new())
+    }
+
+    async fn create(&self, _group: &str, _name: &str) -> driver::Result<Machine> {
+        Err(driver::Error::Other("not in this test".into()))
+    }
+
+    async fn delete(&self, machine: &MachineRef) -> driver::Result<()> {
+        Err(driver::Error::NotFound(machine.id.clone()))
+    }
+
+    async fn shape(&self, _group: &str) -> driver::Result<Option<driver::Shape>> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        self.described.notified().await;
+        Ok(Some(driver::Shape { cpu_millis: Some(2000), ..Default::default() }))
+    }
+
+    async fn check(&self) -> driver::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_template_the_cloud_is_slow_to_describe_answers_by_the_deadline_and_is_built_on_for_the_next_call() {
+    let d = Arc::new(SlowShape::default());
+    let f = Fleet::new(&config(0), vec![Arc::clone(&d) as SharedDriver]);
+    let started = Instant::now();
+    let until = f.wait_until(Some(Duration::from_secs(1)));
+    let e = f.template_until(0, until).await.expect_err("the cloud has not answered");
+    assert_eq!(started.elapsed(), Duration::from_millis(900));
+    assert!(matches!(&e, Error::Driver { source: driver::Error::Timeout(_), .. }), "{e:?}");
+    assert!(e.to_string().contains("try again"), "{e}");
+    // The cloud answers after the caller gave up: the next call finds the template built,
+    // without asking the cloud again.
+    d.described.notify_one();
+    settle().await;
+    let t = f.template_until(0, f.wait_until(Some(Duration::from_secs(1)))).await.unwrap();
+    assert_eq!(t.capacity("cpu"), Some("2"));
+    assert_eq!(d.asked.load(Ordering::SeqCst), 1);
 }

@@ -1,4 +1,4 @@
-//! The narrow client of the Kamatera API behind `cloudcli.cloudwm.com`: the seven calls the
+//! The narrow client of the Kamatera API behind `cloudcli.cloudwm.com`: the eight calls the
 //! driver makes, on the shared HTTP layer, the shapes of their answers, and the one place where
 //! Kamatera's answers become [`driver::Error`] classes.
 //!
@@ -14,8 +14,8 @@
 //!   (bad credentials among them) as **200** with `{"errors": [{"code", "info"}]}`.
 //!
 //! # Retries
-//! Only reads are retried (tag lookups, queue polls, recent commands): a create, terminate or
-//! power call is sent once, because repeating one is not safe (two servers, or a command run
+//! Only reads are retried (tag lookups, queue polls, recent commands): a create, terminate,
+//! power or tag-adding call is sent once, because repeating one is not safe (two servers, or a command run
 //! twice); the driver resolves an unclear outcome by looking, never by asking again. The server
 //! listing of a Refresh is not retried either: the core lists again on the next loop. Bad
 //! credentials are never retried (the in-tree provider retries every failure five times over
@@ -213,19 +213,24 @@ impl Api {
         const WHAT: &str = "POST /server/tags";
         let r =
             self.call(reqwest::Method::POST, "/server/tags", WHAT).json(&server.target()).idempotent().send().await?;
-        let rows = array(r.json()?, WHAT)?;
-        rows.iter()
-            .map(|row| {
-                row.get("tagName")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .ok_or_else(|| shape(WHAT, "a tag without tagName"))
-            })
-            .collect()
+        tag_names(r.json()?, WHAT)
+    }
+
+    /// Adds tag `tag` to a server (the proxy creates the account's tag if it is new) and returns
+    /// the server's tags after it: `POST /server/tags` with `add`. Sent once; the driver reads
+    /// the tags back when the answer is lost.
+    pub async fn add_tag(&self, server: &ServerRow, tag: &str) -> Result<Vec<String>> {
+        const WHAT: &str = "POST /server/tags (add)";
+        let mut body = server.target();
+        body["add"] = json!(tag);
+        let r =
+            self.call(reqwest::Method::POST, "/server/tags", WHAT).json(&body).retry(http::Retry::NONE).send().await?;
+        tag_names(r.json()?, WHAT)
     }
 
     /// Starts a create: `POST /service/server`, sent once. Returns the command id; a generated
-    /// password in the answer is dropped unread.
+    /// password in the answer is dropped unread, and the root password is taken out of an error
+    /// answer that repeats it (see [`redact`]).
     pub async fn create_server(&self, body: &Value) -> Result<String> {
         const WHAT: &str = "POST /service/server";
         let r = self
@@ -234,7 +239,8 @@ impl Api {
             .timeout(self.create_timeout)
             .retry(http::Retry::NONE)
             .send()
-            .await?;
+            .await
+            .map_err(|e| redact(e, body.get("password").and_then(Value::as_str).unwrap_or_default()))?;
         let v: Value = r.json()?;
         // `{"commandIds": [...], "password": ...}` when the password was `__generate__`.
         let ids = match v {
@@ -313,6 +319,51 @@ impl Api {
     }
 }
 
+/// An error answer with `secret` taken out of its message and body. cloudcli-server before
+/// December 2019 checked root passwords itself and refused one with "... for field password
+/// (password=<the password>)"; the backend's words are not published. The message may be cut
+/// (long bodies are), so a cut-off start of the secret at its end goes too.
+fn redact(e: http::Error, secret: &str) -> http::Error {
+    const REDACTED: &str = "<redacted>";
+    if secret.is_empty() || secret == "__generate__" {
+        return e;
+    }
+    let clean = |text: &str| {
+        let mut text = text.replace(secret, REDACTED);
+        // The longest start of the secret (4 characters or more) the text ends with.
+        let cut =
+            (4..secret.len()).rev().filter(|&n| secret.is_char_boundary(n)).find(|&n| text.ends_with(&secret[..n]));
+        if let Some(n) = cut {
+            text.truncate(text.len() - n);
+            text.push_str(REDACTED);
+        }
+        text
+    };
+    match e {
+        http::Error::Status { what, status, message, retry_after, body } => http::Error::Status {
+            what,
+            status,
+            message: clean(&message),
+            retry_after,
+            body: clean(&String::from_utf8_lossy(&body)).into_bytes().into(),
+        },
+        other => other,
+    }
+}
+
+/// The tag names of a `POST /server/tags` answer: `[{"id", "tagName"}]`.
+fn tag_names(v: Value, what: &'static str) -> Result<Vec<String>> {
+    array(v, what)?
+        .iter()
+        .map(|row| {
+            row.get("tagName")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| shape(what, "a tag without tagName"))
+        })
+        .collect()
+}
+
 fn shape(what: &'static str, detail: &str) -> Error {
     Error::Shape { what, detail: detail.to_owned() }
 }
@@ -378,6 +429,30 @@ mod tests {
     fn backend_errors_read_as_the_proxy_joins_them() {
         let m = json!({ "errors": [{ "code": 7, "info": "Authentication failed" }, { "info": "again" }] });
         assert_eq!(backend_message(m.as_object().unwrap()), "Authentication failed (7). again");
+    }
+
+    #[test]
+    fn an_error_answer_never_repeats_the_root_password() {
+        let status = |message: &str| http::Error::Status {
+            what: "POST /service/server".into(),
+            status: 400,
+            message: message.into(),
+            retry_after: None,
+            body: format!(r#"{{"message":"{message}"}}"#).into_bytes().into(),
+        };
+        let said = "must have at least one of: '0123456789' for field password (password=Secret!pw-x)";
+        let e = redact(status(said), "Secret!pw-x");
+        let (text, body) = match &e {
+            http::Error::Status { body, .. } => (e.to_string(), String::from_utf8_lossy(body).into_owned()),
+            _ => unreachable!(),
+        };
+        assert!(text.ends_with("for field password (password=<redacted>)"), "{text}");
+        assert!(!body.contains("Secret!pw-x") && body.contains("<redacted>"), "{body}");
+        // A message cut off half way through the password.
+        let e = redact(status("invalid flag value (password=Secre"), "Secret!pw-x");
+        assert!(e.to_string().ends_with("(password=<redacted>"), "{e}");
+        // Nothing to take out.
+        assert_eq!(redact(status("quota exceeded"), "").to_string(), status("quota exceeded").to_string());
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!
 //! # Listing (one Refresh)
 //! One `GET /service/servers`. Tags are fetched (`POST /server/tags`, by server id) only for
-//! servers not seen before, and kept: ownership tags do not change. Servers whose names lack
+//! servers not seen before, and kept: ownership tags do not change, and the one tag Flotilla adds
+//! later ([`TAG_DELETING`]) it records itself. Servers whose names lack
 //! `filter_name_prefix` are skipped without a call (the in-tree provider's option). A server
 //! that is not ours is remembered as foreign, except while it is powered off with a name one
 //! of our groups would give it (it may be our create, interrupted before its tags were readable).
@@ -37,7 +38,16 @@
 //! # Delete
 //! Looks the server up by name in a fresh listing (gone: done, [`Error::NotFound`]), checks its
 //! tags, waits for a create command still running on it, then `POST /service/server/terminate`
-//! with `force` (by id), and polls the command until it completes.
+//! with `force` (by id), and polls the command until it completes. A terminate that fails on a
+//! server that is gone meanwhile (another terminate, e.g. of a process that died, got there
+//! first) is done.
+//!
+//! # Marks: an accepted delete outlives the process
+//! Before deleting, the core asks for the tag [`TAG_DELETING`] (`POST /server/tags` with `add`,
+//! by id; the proxy creates the account's tag, adds it and answers with the server's tags). A
+//! listing reports a server carrying it as Deleting, so a restarted Flotilla deletes it again. A
+//! server whose create is still running is not tagged then (it may not exist yet, and its create
+//! sets its tags): its delete waits for the create and tags it before terminating.
 //!
 //! # Machine ids
 //! The Machine id is the server name (the in-tree provider identifies servers by name, and its
@@ -73,6 +83,8 @@ pub use settings::{CloudSettings, Draft, GroupSettings};
 
 /// The queue's `commandInfo` of a create (as Kamatera's own tooling matches it).
 const CREATE_COMMAND: &str = "Create Server";
+/// The tag of a server Flotilla is deleting (see "Marks" above).
+pub const TAG_DELETING: &str = "flotilla-deleting";
 /// Tag lookups in flight at once when many servers are new (the first listing after a start).
 const TAG_LOOKUPS: usize = 8;
 
@@ -579,6 +591,42 @@ impl Kamatera {
         Ok(Some(server))
     }
 
+    /// Tags `server` (one of ours) with [`TAG_DELETING`] unless it carries it already. An answer
+    /// lost on the way is settled by reading the tags back.
+    async fn mark(&self, server: &ServerRow) -> Result<()> {
+        if marked(&self.memory().tags, server) {
+            return Ok(());
+        }
+        let tags = match self.api.add_tag(server, TAG_DELETING).await {
+            Ok(tags) => tags,
+            Err(e) if e.may_have_created() => {
+                let tags = self.api.server_tags(server).await?;
+                if !tags.iter().any(|t| t == TAG_DELETING) {
+                    return Err(e.into());
+                }
+                tags
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !tags.iter().any(|t| t == TAG_DELETING) {
+            return Err(Error::Other(format!(
+                "kamatera server {} does not carry the tag {TAG_DELETING} after adding it",
+                server.name
+            )));
+        }
+        info!(name = %server.name, "kamatera server tagged {TAG_DELETING}");
+        self.memory().tags.insert(key(server), tags);
+        Ok(())
+    }
+
+    /// Forgets a server that is gone.
+    fn forget(&self, name: &str) {
+        let mut mem = self.memory();
+        mem.failed.remove(name);
+        mem.creating.remove(name);
+        mem.deleting.remove(name);
+    }
+
     /// Powers a server of this cluster on or off and waits for the command (warm pools).
     /// [`Error::NotFound`] when the server is gone.
     pub async fn power(&self, machine: &MachineRef, on: bool) -> Result<()> {
@@ -610,6 +658,11 @@ fn power_is_off(s: Option<&ServerRow>) -> bool {
 
 fn is_gone(s: Option<&ServerRow>) -> bool {
     s.is_none()
+}
+
+/// Whether the known tags of server `s` carry [`TAG_DELETING`].
+fn marked(tags: &HashMap<String, Vec<String>>, s: &ServerRow) -> bool {
+    tags.get(&key(s)).is_some_and(|t| t.iter().any(|t| t == TAG_DELETING))
 }
 
 /// Whether the queue's `serviceName` names server `name` (it may carry more after the name).
@@ -687,6 +740,7 @@ impl Driver for Kamatera {
                 .iter()
                 .filter(|(s, _)| {
                     !s.power_on
+                        && !marked(&mem.tags, s)
                         && !mem.creating.contains_key(&s.name)
                         && !mem.failed.contains_key(&s.name)
                         && !mem.deleting.contains(&s.name)
@@ -707,7 +761,7 @@ impl Driver for Kamatera {
         let mut machines = Vec::with_capacity(owned.len());
         let mut seen = HashSet::new();
         for (s, group) in owned {
-            let state = if deleting.contains(&s.name) {
+            let state = if deleting.contains(&s.name) || marked(tags, &s) {
                 MachineState::Deleting
             } else if let Some((_, f)) = failed.get(&s.name) {
                 MachineState::Failed(f.clone())
@@ -849,12 +903,13 @@ impl Driver for Kamatera {
             }
         }
         let Some(server) = self.tagged_server(name, &machine.group).await? else {
-            let mut mem = self.memory();
-            mem.failed.remove(name);
-            mem.creating.remove(name);
-            mem.deleting.remove(name);
+            self.forget(name);
             return Err(Error::NotFound(format!("kamatera server {name}")));
         };
+        if let Err(e) = self.mark(&server).await {
+            // The terminate goes ahead; only a restart before it ends would not know.
+            warn!(%name, error = %e, "cannot tag the server {TAG_DELETING}");
+        }
         self.memory().deleting.insert(name.to_owned());
         let result = async {
             let cmd = match self.api.terminate(&server).await {
@@ -874,6 +929,11 @@ impl Driver for Kamatera {
             match self.wait_command(&cmd, name, is_gone).await? {
                 Outcome::Done => Ok(()),
                 Outcome::Failed(log) => {
+                    let servers = self.api.list_servers_retried().await?;
+                    if !servers.iter().any(|s| s.name == name) {
+                        debug!(%name, command = %cmd, %log, "the terminate failed, but the server is gone");
+                        return Ok(());
+                    }
                     Err(Error::Other(format!("kamatera terminate command {cmd} on {name} failed: {log}")))
                 }
             }
@@ -888,6 +948,20 @@ impl Driver for Kamatera {
             info!(%name, "kamatera server terminated");
         }
         result
+    }
+
+    async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
+        let name = machine.name.as_str();
+        if self.memory().creating.contains_key(name) {
+            return Err(Error::Unavailable(format!(
+                "kamatera server {name} is still being created; its delete waits for the create and tags it then"
+            )));
+        }
+        let Some(server) = self.tagged_server(name, &machine.group).await? else {
+            self.forget(name);
+            return Err(Error::NotFound(format!("kamatera server {name}")));
+        };
+        self.mark(&server).await
     }
 
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {

@@ -1,12 +1,15 @@
-//! The narrow client of the Slicer REST API, on the shared HTTP layer ([`http`]): the seven
+//! The narrow client of the Slicer REST API, on the shared HTTP layer ([`http`]): the eight
 //! calls the driver makes, the bearer token on every one, and what the daemon's answers mean.
 //!
 //! Paths, bodies and accepted statuses are those of the daemon's OpenAPI and of the Go SDK
 //! (slicervm/sdk v0.0.19, which the upstream provider used, and later): `GET /hostgroup`,
 //! `GET /hostgroup/{hg}/nodes?tag=`, `POST /hostgroup/{hg}/nodes` (200 or 201),
 //! `DELETE /hostgroup/{hg}/nodes/{hostname}` (200 with `{message, disk_removed, error}`, or 204),
-//! `POST /secrets` (201; 409 when the name exists), `PATCH /secrets/{name}` (200). Errors are
-//! `{"error": "..."}`. Reads and deletes are retried on transient failures; a create never is.
+//! `POST /secrets` (201; 409 when the name exists), `PATCH /secrets/{name}` (200), and
+//! `PATCH /vm/{hostname}/tags` (200 with `{hostname, tags}`; SDK v0.0.66, August 2026, and later:
+//! older daemons have no such route, the OpenAPI does not list it yet). Errors are
+//! `{"error": "..."}`. Reads, deletes and tag additions are retried on transient failures; a
+//! create never is.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -52,6 +55,13 @@ impl Node {
 #[derive(Clone, Debug, Deserialize)]
 pub struct Created {
     pub hostname: String,
+}
+
+/// A VM's tags after a change (`SlicerVMTags`).
+#[derive(Debug, Deserialize)]
+struct VmTags {
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
 /// The answer to a delete; a non-empty `error` means the daemon could not finish it.
@@ -137,6 +147,15 @@ impl Api {
         } else {
             Err(driver::Error::Unavailable(format!("{what} did not finish: {}", answer.error)))
         }
+    }
+
+    /// Adds `tags` to VM `hostname` and returns its tags after: `PATCH /vm/{hostname}/tags` with
+    /// `{"add": [...]}` (an atomic add, so repeating it is harmless). A daemon without the
+    /// route answers 404, as it does for a VM that is gone: callers tell the two apart.
+    pub async fn add_tags(&self, hostname: &str, tags: &[&str]) -> Result<Vec<String>, http::Error> {
+        let body = json!({ "add": tags });
+        let r = self.request(reqwest::Method::PATCH, &format!("/vm/{hostname}/tags")).json(&body).idempotent();
+        Ok(r.send().await?.json::<VmTags>()?.tags)
     }
 
     /// Stores a secret; `false` when one of that name exists already (409).

@@ -16,7 +16,18 @@
 //! whatever the number of VMs. `create` stores the join token as a Slicer secret first (once per
 //! process: `POST /secrets`, and on 409 a `PATCH` so the secret holds the configured token),
 //! then launches the VM with that secret and the userdata ([`userdata`]). `delete` is one
-//! listing and one `DELETE`. `shape` and `check` read `GET /hostgroup`.
+//! listing and one `DELETE`; `mark_deleting` one listing and one `PATCH /vm/{hostname}/tags`.
+//! `shape` and `check` read `GET /hostgroup`.
+//!
+//! # Marks: an accepted delete outlives the process
+//! Before deleting, the core asks for the tag `flotilla-deleting=true` ([`MARK_DELETING`]),
+//! added with `PATCH /vm/{hostname}/tags` after the listing confirmed the hostname is still
+//! this machine's VM. A listed VM carrying it is Deleting, so a restarted Flotilla deletes it
+//! again. Daemons older than the tag-changing route (slicervm/sdk v0.0.66, August 2026) answer
+//! 404 for it, as they do for a VM that is gone: when the VM is still listed, the driver takes
+//! it that the daemon cannot change tags, says so once in the log, and marks nothing for the
+//! rest of the process (an accepted delete then lives in memory until its `DELETE` is sent,
+//! which is at once unless `delete_concurrency` deletes are running).
 //!
 //! # What the upstream provider (kubernetes/autoscaler PR #8867) got wrong, and this does not
 //! * It reported Kubernetes node names as instance ids while k3s sets `k3s://<node name>` as
@@ -53,6 +64,10 @@ pub const TAG_CLUSTER: &str = "flotilla-cluster";
 pub const TAG_GROUP: &str = "flotilla-group";
 /// Tag key holding the machine name Flotilla chose.
 pub const TAG_NAME: &str = "flotilla-name";
+/// Tag key of a VM Flotilla is deleting.
+pub const TAG_DELETING: &str = "flotilla-deleting";
+/// The tag [`Driver::mark_deleting`] adds.
+pub const MARK_DELETING: &str = "flotilla-deleting=true";
 
 /// One Slicer daemon.
 #[derive(Debug)]
@@ -70,6 +85,9 @@ pub struct Slicer {
     /// Set once the join token is stored on the daemon; the lock makes concurrent creates wait
     /// for one store instead of racing.
     secret_stored: tokio::sync::Mutex<bool>,
+    /// Set once the daemon showed it has no route to change a VM's tags: deletes are then not
+    /// marked (see "Marks" above).
+    tags_fixed: std::sync::atomic::AtomicBool,
 }
 
 /// The Slicer driver's [`Constructor`](super::Constructor).
@@ -117,6 +135,7 @@ impl Slicer {
             capacity_errors: cloud.capacity_errors,
             groups,
             secret_stored: tokio::sync::Mutex::new(false),
+            tags_fixed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -141,7 +160,34 @@ impl Slicer {
         }
         // A VM tagged by hand without a name is still ours; its hostname names it.
         let name = node.tag(TAG_NAME).unwrap_or(&node.hostname).to_owned();
-        Some(Machine { group: group.to_owned(), name, id: node.hostname, state: MachineState::Running })
+        let state = if node.tag(TAG_DELETING).is_some() { MachineState::Deleting } else { MachineState::Running };
+        Some(Machine { group: group.to_owned(), name, id: node.hostname, state })
+    }
+
+    /// The listed VM of `machine`, if it is still that machine's (hostnames are reused once a
+    /// VM is gone) and tagged for its group: [`Error::NotFound`] when it is gone.
+    async fn own_node(&self, machine: &MachineRef) -> Result<api::Node> {
+        let g = self.group(&machine.group)?;
+        let nodes =
+            self.api.nodes(&g.host_group, &self.cluster_tag(), true).await.map_err(|e| self.api.classify(&e))?;
+        let Some(node) = nodes.into_iter().find(|n| n.hostname == machine.id) else {
+            return Err(Error::NotFound(format!("VM {} is not in host group {}", machine.id, g.host_group)));
+        };
+        let ours = node.tag(TAG_CLUSTER) == Some(self.cluster.as_str())
+            && node.tag(TAG_NAME).unwrap_or(&node.hostname) == machine.name;
+        if !ours {
+            return Err(Error::NotFound(format!(
+                "VM {} no longer carries the tags of machine {} (it is another VM now)",
+                machine.id, machine.name
+            )));
+        }
+        if node.tag(TAG_GROUP) != Some(machine.group.as_str()) {
+            return Err(Error::InvalidRequest(format!(
+                "VM {} is not tagged for group {:?}; refusing to touch it",
+                machine.id, machine.group
+            )));
+        }
+        Ok(node)
     }
 
     /// Stores the join token as the Slicer secret VMs read it from, once per process.
@@ -279,27 +325,40 @@ impl Driver for Slicer {
 
     async fn delete(&self, machine: &MachineRef) -> Result<()> {
         let g = self.group(&machine.group)?;
-        let nodes =
-            self.api.nodes(&g.host_group, &self.cluster_tag(), true).await.map_err(|e| self.api.classify(&e))?;
-        let Some(node) = nodes.into_iter().find(|n| n.hostname == machine.id) else {
-            return Err(Error::NotFound(format!("VM {} is not in host group {}", machine.id, g.host_group)));
-        };
-        let ours = node.tag(TAG_CLUSTER) == Some(self.cluster.as_str())
-            && node.tag(TAG_NAME).unwrap_or(&node.hostname) == machine.name;
-        if !ours {
-            // Hostnames are reused once a VM is gone: this one is someone else's now.
-            return Err(Error::NotFound(format!(
-                "VM {} no longer carries the tags of machine {} (it is another VM now)",
-                machine.id, machine.name
-            )));
-        }
-        if node.tag(TAG_GROUP) != Some(machine.group.as_str()) {
-            return Err(Error::InvalidRequest(format!(
-                "VM {} is not tagged for group {:?}; refusing to delete it",
-                machine.id, machine.group
-            )));
-        }
+        self.own_node(machine).await?;
         self.api.delete_node(&g.host_group, &machine.id).await
+    }
+
+    async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.tags_fixed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let node = self.own_node(machine).await?;
+        if node.tag(TAG_DELETING).is_some() {
+            return Ok(());
+        }
+        match self.api.add_tags(&machine.id, &[MARK_DELETING]).await {
+            Ok(tags) if tags.iter().any(|t| t == MARK_DELETING) => Ok(()),
+            Ok(tags) => Err(Error::Other(format!(
+                "the Slicer daemon did not keep the tag {MARK_DELETING} on VM {} (its tags: {})",
+                machine.id,
+                tags.join(", ")
+            ))),
+            Err(e) if e.status() == Some(404) => {
+                // Gone since the listing, or a daemon without the route: look again.
+                self.own_node(machine).await?;
+                if !self.tags_fixed.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        "this Slicer daemon cannot change a VM's tags (PATCH /vm/{{hostname}}/tags answers 404; \
+                         daemons of slicervm/sdk v0.0.66 and later can): deletes are not recorded on it, and one \
+                         accepted but not yet sent when Flotilla stops is forgotten"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.api.classify(&e)),
+        }
     }
 
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {

@@ -696,7 +696,10 @@ autoscaler:
     max-node-provision-time: 5m
 VALUES
 	kc create namespace "$ns" >/dev/null 2>&1
-	kc -n "$ns" create secret generic flotilla-kubeconfig --from-file=kubeconfig="$RUN_DIR/pki/admin.kubeconfig" \
+	# Self-contained (certificates embedded), as a kubeconfig in a Secret must be: the pod cannot
+	# read the run's files, and paths under the pod's own mounts (/tmp) would be rewritten.
+	kc config view --flatten --minify >"$SDIR/flotilla.kubeconfig" || fail "cannot flatten the kubeconfig" || return 1
+	kc -n "$ns" create secret generic flotilla-kubeconfig --from-file=kubeconfig="$SDIR/flotilla.kubeconfig" \
 		>/dev/null || fail "cannot create the kubeconfig Secret" || return 1
 	"$HELM_BIN/helm" template e2e "$ROOT/charts/flotilla" -n "$ns" \
 		-f "$ROOT/examples/helm/simulated.yaml" -f "$SDIR/e2e.values.yaml" >"$SDIR/chart.yaml" 2>"$SDIR/helm.log" ||

@@ -30,10 +30,25 @@
 //!   `GET /svc/queue` (`queue/list.json`) lists recent commands with `commandInfo` (`Create
 //!   Server` for creates, as Kamatera's own cloudcli-server-kubernetes matches it) and
 //!   `serviceName` (the server name).
+//! * **Tags** (`server/tags.json`, `ProxyServerHttpPostMethods`): `POST /server/tags` with `id`
+//!   or `name` lists a server's tags as `[{"id", "tagName"}]`; with `add` (or `remove`) it first
+//!   runs a pre-post action against the backend (`POST /svc/tags {objectType: ot.server,
+//!   objectId, tagName}`, which creates the account's tag when it is new; `DELETE
+//!   /svc/tags/ot.server/<id>/<tag>`) and then answers with the tags after it. A backend refusal
+//!   there is `500 {"message": "<the backend's JSON>"}`. The backend's own tag rules are not
+//!   published: the fake accepts 3 to 24 characters of `[A-Za-z0-9-_ .]` (what the in-tree
+//!   provider's 15-character names under an 8-character prefix imply) and treats adding a tag a
+//!   server has as a no-op.
+//! * **One command at a time per server** (as Kamatera's queue runs them): a command on a
+//!   server with one unfinished waits for it; a terminate or power command whose server is gone
+//!   when it runs ends in `error` (the wording is not published).
 //! * **Credentials**: the proxy forwards `AuthClientId`/`AuthSecret` to the backend (without them
 //!   it would use its own account: recorded as a problem). The backend's answer to bad
 //!   credentials is not published; the fake's backend answers `401 {"errors": [{"info":
 //!   "Authentication failed"}]}`, and each route relays it as the proxy's code does.
+//!
+//! Faults: besides the knobs in [`Faults`], [`Fake::fault_next`] refuses, hangs, or loses the
+//! answer of (after acting on) the next call matching a route, a body key and a server.
 //!
 //! Everything the fake does not expect is a problem that `assert_clean` fails on.
 #![allow(dead_code, reason = "each test uses a different subset of the fake's knobs")]
@@ -203,6 +218,33 @@ pub struct Faults {
     /// The next server listing is taken when it arrives but answered only once this is
     /// released (a listing that lands while a create or delete is in flight).
     pub hold_listing: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Faults for the next calls that match, in order (see [`Fake::fault_next`]).
+    pub armed: Vec<Armed>,
+}
+
+/// What happens to a call a test picked out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallFault {
+    /// Refused before the API does anything, with this status and raw body.
+    Fail(u16, String),
+    /// No answer, before the API does anything: the caller's timeout ends it.
+    Hang,
+    /// The API acts, then a load balancer answers 504: the answer is lost.
+    LoseAnswer,
+    /// The API acts, then no answer comes.
+    HangAfter,
+}
+
+/// A fault waiting for its call.
+#[derive(Clone, Debug)]
+pub struct Armed {
+    pub method: String,
+    pub path: String,
+    /// The body must have this key (e.g. `add` for tag changes).
+    pub with_key: Option<String>,
+    /// The call must name this server (by id or name).
+    pub server: Option<String>,
+    pub fault: CallFault,
 }
 
 impl Default for Faults {
@@ -221,6 +263,7 @@ impl Default for Faults {
             empty_queue_for: Vec::new(),
             inject: Vec::new(),
             hold_listing: None,
+            armed: Vec::new(),
         }
     }
 }
@@ -255,7 +298,14 @@ impl State {
                 if c.kind == Kind::Create && self.faults.visible_while_running {
                     self.appear(id);
                 }
+                if c.kind != Kind::Create && !self.servers.iter().any(|s| s.id == c.server_id) {
+                    // Its server went while it waited (e.g. a terminate queued behind another).
+                    let c = self.commands.get_mut(&id).unwrap();
+                    c.failure = Some(format!("Server {} not found", c.server));
+                    c.done_at = c.starts_at;
+                }
             }
+            let c = self.commands[&id].clone();
             if !c.finished && now >= c.done_at {
                 self.commands.get_mut(&id).unwrap().finished = true;
                 match c.kind {
@@ -300,6 +350,15 @@ impl State {
         self.next_command += 1;
         let id = 4_500_000 + self.next_command;
         let now = Instant::now();
+        // One command at a time per server: this one starts when the last unfinished one ends.
+        let busy_until = self
+            .commands
+            .values()
+            .filter(|c| c.server_id == server.id && !c.finished)
+            .map(|c| c.done_at)
+            .max()
+            .unwrap_or(now);
+        let starts_at = (now + self.faults.pending_time).max(busy_until);
         let (failure, remove_on_failure) = if kind == Kind::Create && !self.faults.fail_creates.is_empty() {
             let (log, remove) = self.faults.fail_creates.remove(0);
             (Some(log), remove)
@@ -314,8 +373,8 @@ impl State {
                 server: server.name.clone(),
                 server_id: server.id.clone(),
                 added: now,
-                starts_at: now + self.faults.pending_time,
-                done_at: now + self.faults.pending_time + self.faults.run_time,
+                starts_at,
+                done_at: starts_at + self.faults.run_time,
                 failure,
                 remove_on_failure,
                 started: false,
@@ -466,6 +525,18 @@ impl Fake {
         }
     }
 
+    /// Arms `fault` for the next `method path` call whose body has `with_key` and names `server`
+    /// (by id or name), when given.
+    pub fn fault_next(&self, method: &str, path: &str, with_key: Option<&str>, server: Option<&str>, fault: CallFault) {
+        self.state().faults.armed.push(Armed {
+            method: method.into(),
+            path: path.into(),
+            with_key: with_key.map(str::to_owned),
+            server: server.map(str::to_owned),
+            fault,
+        });
+    }
+
     /// Holds the next server listing (taken on arrival) until the returned sender fires.
     pub fn hold_next_listing(&self) -> tokio::sync::oneshot::Sender<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -481,6 +552,8 @@ enum Answer {
     Held(tokio::sync::oneshot::Receiver<()>, Response<Body>),
     /// Sent after this long.
     Late(Duration, Response<Body>),
+    /// Never sent.
+    Hang,
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> {
@@ -501,7 +574,34 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
             tokio::time::sleep(d).await;
             r
         }
+        Answer::Hang => std::future::pending().await,
     }
+}
+
+/// The armed fault this call triggers, taken off the list.
+fn take_armed(s: &mut State, method: &str, path: &str, body: &Option<Value>) -> Option<CallFault> {
+    let named = |server: &str| {
+        let Some(b) = body else { return false };
+        let text = |k: &str| b.get(k).and_then(Value::as_str).map(str::to_owned);
+        let id = s.servers.iter().find(|v| v.name == server).map(|v| v.id.clone());
+        text("name").as_deref() == Some(server) || (id.is_some() && text("id") == id)
+    };
+    let i = s.faults.armed.iter().position(|a| {
+        a.method == method
+            && a.path == path
+            && a.with_key.as_ref().is_none_or(|k| body.as_ref().is_some_and(|b| b.get(k).is_some()))
+            && a.server.as_ref().is_none_or(|n| named(n))
+    })?;
+    Some(s.faults.armed.remove(i).fault)
+}
+
+/// A load balancer's answer when the API behind it did not answer in time.
+fn gateway_timeout() -> Response<Body> {
+    Response::builder()
+        .status(504)
+        .header("Content-Type", "text/html")
+        .body(Body::from("<html><body><h1>504 Gateway Time-out</h1></body></html>"))
+        .unwrap()
 }
 
 fn answer(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> Answer {
@@ -548,11 +648,36 @@ fn answer(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> An
         let (_, _, status, raw) = s.faults.inject.remove(i);
         return Answer::Now(Response::builder().status(status).body(Body::from(raw)).unwrap());
     }
+    let armed = take_armed(s, &method, &path, &body);
+    match armed {
+        Some(CallFault::Fail(status, raw)) => {
+            return Answer::Now(Response::builder().status(status).body(Body::from(raw)).unwrap());
+        }
+        Some(CallFault::Hang) => return Answer::Hang,
+        _ => {}
+    }
+    let answer = route(s, &method, &path, &query, body, authorized);
+    match armed {
+        Some(CallFault::LoseAnswer) => Answer::Now(gateway_timeout()),
+        Some(CallFault::HangAfter) => Answer::Hang,
+        _ => answer,
+    }
+}
+
+/// Acts on one checked and recorded request and answers it.
+fn route(
+    s: &mut State,
+    method: &str,
+    path: &str,
+    query: &[(String, String)],
+    body: Option<Value>,
+    authorized: bool,
+) -> Answer {
     if !authorized {
         s.rejected += 1;
     }
     let body = body.unwrap_or(Value::Null);
-    Answer::Now(match (method.as_str(), path.as_str()) {
+    Answer::Now(match (method, path) {
         ("GET", "/service/servers") => {
             if !authorized {
                 // ProxyServerGet passes the backend's error body on, with status 200.
@@ -589,7 +714,7 @@ fn answer(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> An
         ("POST", "/service/server/terminate") => server_command(s, &body, authorized, Kind::Terminate),
         ("POST", "/service/server/poweron") => server_command(s, &body, authorized, Kind::PowerOn),
         ("POST", "/service/server/poweroff") => server_command(s, &body, authorized, Kind::PowerOff),
-        ("GET", "/service/queue") => queue_detail(s, &query, authorized),
+        ("GET", "/service/queue") => queue_detail(s, query, authorized),
         ("GET", "/svc/queue") => {
             if !authorized {
                 return Answer::Now(reply(200, &json!({ "errors": [{ "info": AUTH_FAILED }] })));
@@ -676,7 +801,25 @@ fn tags(s: &mut State, body: &Value, authorized: bool) -> Response<Body> {
         0 if id.is_some() => reply(500, &json!({ "message": "Server not found" })),
         0 => exception("serverTags"),
         1 => {
-            let v = &found[0];
+            let server_id = found[0].id.clone();
+            let text = |k: &str| body.get(k).and_then(Value::as_str).filter(|v| !v.is_empty()).map(str::to_owned);
+            if let Some(tag) = text("add") {
+                // The pre-post action POST /svc/tags; a backend refusal comes back as its JSON.
+                let valid = (3..=24).contains(&tag.len())
+                    && tag.chars().all(|c| c.is_ascii_alphanumeric() || "-_ .".contains(c));
+                if !valid {
+                    let backend = json!({ "errors": [{ "code": 1, "info": format!("invalid tag name: {tag}") }] });
+                    return reply(500, &json!({ "message": backend.to_string() }));
+                }
+                let v = s.servers.iter_mut().find(|v| v.id == server_id).unwrap();
+                if !v.tags.contains(&tag) {
+                    v.tags.push(tag);
+                }
+            }
+            if let Some(tag) = text("remove") {
+                s.servers.iter_mut().find(|v| v.id == server_id).unwrap().tags.retain(|t| *t != tag);
+            }
+            let v = s.servers.iter().find(|v| v.id == server_id).unwrap();
             let rows: Vec<Value> = v.tags.iter().map(|t| json!({ "id": v.id, "tagName": t })).collect();
             reply(200, &Value::Array(rows))
         }

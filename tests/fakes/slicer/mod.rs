@@ -14,12 +14,19 @@
 //! * `DELETE /hostgroup/{hg}/nodes/{hostname}`: 200 `{"message":"Node deleted","disk_removed":
 //!   "true"}`, 404 for an unknown VM, 403 for the host group's own start-up (`count: N`) VMs,
 //!   which are protected; the VM stays listed until the delete finishes;
-//! * `GET/POST /secrets`, `PATCH /secrets/{name}`: base64 data, 409 when the name exists.
+//! * `GET/POST /secrets`, `PATCH /secrets/{name}`: base64 data, 409 when the name exists;
+//! * `GET /vm/{hostname}/tags`, `PATCH /vm/{hostname}/tags` with one of `add`/`remove` (arrays,
+//!   together) or `replace` (slicervm/sdk v0.0.66's `SlicerVMTagUpdate`): 200 `{hostname, tags}`,
+//!   404 for a VM that is not there, 400 for `replace` with `add` or `remove`. Not in the
+//!   OpenAPI yet, and not on daemons older than that SDK ([`Faults::tag_updates`]): those answer
+//!   as Go's router does for a route it does not have, `404 page not found` in plain text.
 //!
 //! Every request is recorded and checked (auth, method, path, query, content type, body keys and
 //! types); anything unexpected becomes a problem that [`Fake::assert_clean`] fails on. Faults: a
 //! create whose answer is lost (the VM exists, a proxy answers 504), a create or delete that
-//! fails with a chosen status, latency, and slow creates and deletes so listings land mid-flight.
+//! fails with a chosen status, latency, slow creates and deletes so listings land mid-flight,
+//! and, for any route, a call refused, hung, or answered 504 after the daemon acted
+//! ([`Fake::fault_next`]).
 #![allow(dead_code, reason = "each test uses a different subset of the fake's knobs")]
 
 use std::{
@@ -103,6 +110,19 @@ pub struct StoredSecret {
     pub gid: u32,
 }
 
+/// What happens to a call a test picked out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallFault {
+    /// Refused before the daemon does anything: this status and message.
+    Fail(u16, String),
+    /// No answer, before the daemon does anything: the caller's timeout ends it.
+    Hang,
+    /// The daemon acts, then a proxy in front answers 504: the answer is lost.
+    LoseAnswer,
+    /// The daemon acts, then no answer comes.
+    HangAfter,
+}
+
 /// Faults and delays a test sets.
 #[derive(Debug)]
 pub struct Faults {
@@ -124,8 +144,12 @@ pub struct Faults {
     pub full_message: String,
     /// 200 or 201: the OpenAPI allows both, the SDK accepts both.
     pub create_status: u16,
-    /// An old daemon: no `?tag=` filters, no `hostgroup`/`status` in listings.
+    /// An old daemon: no `?tag=` filters, no `hostgroup`/`status` in listings, no tag changes.
     pub old_daemon: bool,
+    /// The daemon can change a VM's tags (`/vm/{hostname}/tags`, slicervm/sdk v0.0.66 on).
+    pub tag_updates: bool,
+    /// Faults for the next calls of (method, path), in order (see [`Fake::fault_next`]).
+    pub armed: Vec<(String, String, CallFault)>,
     /// Requests with a wrong or missing token are part of the test (otherwise they are problems).
     pub expect_unauthorized: bool,
 }
@@ -144,6 +168,8 @@ impl Default for Faults {
             full_message: "unable to allocate an IP address: no free addresses left in the host group's range".into(),
             create_status: 200,
             old_daemon: false,
+            tag_updates: true,
+            armed: Vec::new(),
             expect_unauthorized: false,
         }
     }
@@ -161,6 +187,8 @@ pub struct State {
     pub rejected: u32,
     pub faults: Faults,
     clock: u64,
+    /// The after-the-fact fault of the request being answered.
+    after: Option<CallFault>,
 }
 
 impl State {
@@ -360,6 +388,11 @@ impl Fake {
         let s = self.state();
         assert!(s.problems.is_empty(), "the fake Slicer API saw unexpected requests:\n{}", s.problems.join("\n"));
     }
+
+    /// Arms `fault` for the next `method path` call.
+    pub fn fault_next(&self, method: &str, path: &str, fault: CallFault) {
+        self.state().faults.armed.push((method.into(), path.into(), fault));
+    }
 }
 
 /// Keys of `SlicerCreateNodeRequest` (SDK and OpenAPI).
@@ -391,7 +424,7 @@ fn check_keys(body: &Value, keys: &[&str]) -> Result<(), String> {
         let ok = match k.as_str() {
             "ram_bytes" | "cpus" | "gpu_count" | "uid" | "gid" => v.as_u64().is_some(),
             "persistent" | "protected" => v.is_boolean(),
-            "ssh_keys" | "tags" | "secrets" | "pci_devices" => {
+            "ssh_keys" | "tags" | "secrets" | "pci_devices" | "add" | "remove" | "replace" => {
                 v.as_array().is_some_and(|a| a.iter().all(Value::is_string))
             }
             "network" => v.is_object(),
@@ -419,6 +452,8 @@ enum Step {
         delay: Duration,
         hostname: String,
     },
+    /// No answer ever.
+    Hang,
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> {
@@ -428,9 +463,28 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>) -> Response<Body> 
     }
     let (parts, body) = req.into_parts();
     let bytes = to_bytes(body, 1 << 20).await.unwrap_or_default();
-    let step = route(&mut state.lock().unwrap(), &parts, &bytes);
+    let (step, after) = {
+        let mut s = state.lock().unwrap();
+        let step = route(&mut s, &parts, &bytes);
+        (step, s.after.take())
+    };
+    let answer = answer(state, step).await;
+    match after {
+        Some(CallFault::LoseAnswer) => Response::builder()
+            .status(StatusCode::GATEWAY_TIMEOUT)
+            .header("Content-Type", "text/plain; charset=utf-8")
+            .body(Body::from("Gateway Timeout"))
+            .unwrap(),
+        Some(CallFault::HangAfter) => std::future::pending().await,
+        _ => answer,
+    }
+}
+
+/// Carries out what `route` decided.
+async fn answer(state: Arc<Mutex<State>>, step: Step) -> Response<Body> {
     match step {
         Step::Reply(r) => r,
+        Step::Hang => std::future::pending().await,
         Step::Created { delay, lost, status, answer } => {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -516,6 +570,13 @@ fn route(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> Ste
     };
     if let Some((k, _)) = query.iter().find(|(k, _)| !allowed_query.contains(&k.as_str())) {
         s.problems.push(format!("{method} {path}: unexpected query parameter {k:?}"));
+    }
+    if let Some(i) = s.faults.armed.iter().position(|(m, p, _)| *m == method && *p == path) {
+        match s.faults.armed.remove(i).2 {
+            CallFault::Fail(status, message) => return error(status, &message),
+            CallFault::Hang => return Step::Hang,
+            after => s.after = Some(after),
+        }
     }
 
     match (method.as_str(), segments.as_slice()) {
@@ -698,6 +759,52 @@ fn route(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> Ste
                 secret.permissions = p.into();
             }
             Step::Reply(empty(200))
+        }
+        ("GET" | "PATCH", ["vm", hostname, "tags"]) if s.faults.tag_updates && !s.faults.old_daemon => {
+            let hostname = (*hostname).to_owned();
+            if method == "PATCH" {
+                let body = json_body.unwrap_or(Value::Null);
+                if let Err(e) = check_keys(&body, &["add", "remove", "replace"]) {
+                    s.problems.push(format!("PATCH {path}: {e}"));
+                    return error(400, &format!("invalid request: {e}"));
+                }
+                let list = |k: &str| -> Option<Vec<String>> {
+                    body.get(k)?.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+                };
+                let (add, remove, replace) = (list("add"), list("remove"), list("replace"));
+                if replace.is_some() && (add.is_some() || remove.is_some()) {
+                    s.problems.push(format!("PATCH {path}: replace with add or remove"));
+                    return error(400, "replace cannot be combined with add or remove");
+                }
+                let Some(vm) = s.vms.get_mut(&hostname) else {
+                    return error(404, &format!("VM {hostname} not found"));
+                };
+                if let Some(r) = replace {
+                    vm.tags = r;
+                }
+                for t in remove.unwrap_or_default() {
+                    vm.tags.retain(|x| *x != t);
+                }
+                for t in add.unwrap_or_default() {
+                    if !vm.tags.contains(&t) {
+                        vm.tags.push(t);
+                    }
+                }
+            }
+            let Some(vm) = s.vms.get(&hostname) else {
+                return error(404, &format!("VM {hostname} not found"));
+            };
+            reply(200, json!({ "hostname": vm.hostname, "tags": vm.tags }))
+        }
+        ("GET" | "PATCH", ["vm", _, "tags"]) => {
+            // A daemon from before tag changes: Go's router has no such route.
+            Step::Reply(
+                Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("Content-Type", "text/plain; charset=utf-8")
+                    .body(Body::from("404 page not found\n"))
+                    .unwrap(),
+            )
         }
         _ => {
             s.problems.push(format!("{method} {path}: no such endpoint"));
