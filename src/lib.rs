@@ -13,6 +13,8 @@
 //! * [`template`]: template nodes for scale-from-zero.
 //! * [`telemetry`]: Prometheus metrics and the health/readiness endpoint; [`logging`]: the log
 //!   set-up, which keeps secrets out of every level.
+//! * [`kube`]: the one Kubernetes API client; [`incluster`]: what Flotilla does with it
+//!   (leader election, Node cleanup, the priority expander's ConfigMap).
 //! * [`provider_id`], [`quantity`]: small formats; [`untrusted`]: caller text made safe to echo.
 //! * [`ctl`]: the `flotilla ctl` client, for calling any RPC by hand.
 //! * [`import`]: `flotilla import`, from the configurations of the systems users migrate from.
@@ -31,6 +33,8 @@ pub mod config;
 pub mod ctl;
 pub mod driver;
 pub mod import;
+pub mod incluster;
+pub mod kube;
 pub mod logging;
 pub mod proto;
 pub mod provider_id;
@@ -70,6 +74,12 @@ pub enum Error {
     Http(#[source] std::io::Error),
     #[error("{0}")]
     Config(#[from] config::Problems),
+    #[error("{feature} needs the kubernetes api: {source}")]
+    Kube {
+        feature: &'static str,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 /// A running server.
@@ -150,6 +160,17 @@ pub fn build_drivers(config: &Config) -> Result<Vec<SharedDriver>, config::Probl
 /// Binds the configured listeners and serves until [`Running::stop`].
 /// `drivers` must hold one driver per configured cloud, in order (see [`build_drivers`]).
 pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running, Error> {
+    // Fail now, not at the first call, when a feature needs the API and there is no way to it.
+    let kube_features = [
+        ("leader_election", config.leader_election.enabled),
+        ("node_cleanup", config.clouds.iter().any(|c| c.node_cleanup)),
+        ("priority_expander", config.priority_expander.is_some()),
+    ];
+    for (feature, on) in kube_features {
+        if on {
+            config.kube.check_configured().map_err(|source| Error::Kube { feature, source })?;
+        }
+    }
     let metrics = Arc::new(Metrics::new());
     let drivers = config
         .clouds
@@ -196,6 +217,49 @@ pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running
         );
 
     let reconciler = tokio::spawn(Arc::clone(&fleet).run_reconciler(shutdown.clone()));
+    let mut in_cluster = tokio::task::JoinSet::new();
+    if config.clouds.iter().any(|c| c.node_cleanup) {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        fleet.set_node_cleanup(sender);
+        let cleaner = incluster::node_cleanup::NodeCleaner::new(
+            config.kube.clone(),
+            Arc::clone(&fleet),
+            config.state.reconcile_interval,
+        );
+        in_cluster.spawn(cleaner.run(receiver, shutdown.clone()));
+    }
+    if let Some(expander) = &config.priority_expander {
+        in_cluster.spawn(incluster::priorities::run(
+            config.kube.clone(),
+            Arc::clone(&fleet),
+            expander.namespace.clone(),
+            config.cluster_name.clone(),
+            config.groups.clone(),
+            config.state.reconcile_interval,
+            shutdown.clone(),
+        ));
+    }
+    // The elector stops (and releases the Lease) only after the work in flight is done, so no
+    // other replica acts while this one still does.
+    let election_stop = CancellationToken::new();
+    let elector = config.leader_election.enabled.then(|| {
+        let election = &config.leader_election;
+        let namespace = election.namespace.clone().or_else(|| config.kube.own_namespace()).unwrap_or_else(|| {
+            warn!(
+                "leader election: no namespace configured, none from the service account or kubeconfig; using default"
+            );
+            "default".to_owned()
+        });
+        let identity = election.identity.clone().unwrap_or_else(incluster::leader::default_identity);
+        let elector = incluster::leader::Elector::new(
+            Arc::new(config.kube.clone()),
+            Arc::clone(&fleet),
+            election,
+            namespace,
+            identity,
+        );
+        tokio::spawn(elector.run(election_stop.clone()))
+    });
     let health = tokio::spawn(report_health(Arc::clone(&fleet), health_reporter, shutdown.clone()));
     let http = http_listener.map(|listener| {
         let router = telemetry::http::router(Arc::clone(&fleet), Arc::clone(&metrics));
@@ -221,6 +285,7 @@ pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running
             {
                 warn!(error = %e, "HTTP server failed");
             }
+            while in_cluster.join_next().await.is_some() {}
             let tasks = fleet.tasks();
             tasks.close();
             if !tasks.is_empty() {
@@ -228,6 +293,10 @@ pub async fn start(config: Config, drivers: Vec<SharedDriver>) -> Result<Running
                 if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
                     warn!(in_flight = tasks.len(), "shutdown grace period over; abandoning work in flight");
                 }
+            }
+            if let Some(elector) = elector {
+                election_stop.cancel();
+                let _ = elector.await;
             }
             info!("flotilla stopped");
             result

@@ -28,6 +28,15 @@ enum Command {
         #[arg(long)]
         probe: bool,
     },
+    /// Print cluster-autoscaler's priority-expander ConfigMap for the groups' `priority`
+    /// (what `[priority_expander]` applies), e.g. to commit it to a GitOps repository.
+    PriorityConfigmap {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// cluster-autoscaler's namespace (default: `[priority_expander] namespace`, else kube-system).
+        #[arg(long)]
+        namespace: Option<String>,
+    },
     /// Turn a Kamatera, Slicer, OpenStack, Proxmox or Docker autoscaler's configuration into a
     /// Flotilla configuration, the cluster-autoscaler flags to use, and the Helm values for
     /// charts/flotilla.
@@ -102,6 +111,19 @@ async fn main() -> ExitCode {
                     }
                 }
                 println!("{}: ok ({} clouds, {} node groups)", c.source, c.clouds.len(), c.groups.len());
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                eprint!("{problems}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::PriorityConfigmap { config, namespace } => match flotilla::load(Some(&config)) {
+            Ok((c, _)) => {
+                let namespace = namespace
+                    .or_else(|| c.priority_expander.as_ref().map(|p| p.namespace.clone()))
+                    .unwrap_or_else(|| "kube-system".to_owned());
+                print!("{}", flotilla::incluster::priorities::config_map_yaml(&c, &namespace));
                 ExitCode::SUCCESS
             }
             Err(problems) => {

@@ -487,3 +487,45 @@ async fn a_name_conflict_adopts_our_own_container_and_refuses_anyone_elses() {
     drivers[0].delete(&ours).await.unwrap();
     assert!(matches!(drivers[0].delete(&ours).await, Err(driver::Error::NotFound(_))));
 }
+
+#[path = "fakes/kube/mod.rs"]
+mod kube_fake;
+
+#[tokio::test]
+#[ignore = "needs a Docker engine: tests/docker/engine.sh start, then cargo test --test docker -- --ignored"]
+async fn a_warm_pool_stops_deleted_containers_and_starts_them_for_the_next_scale_up() {
+    let docker = engine().await;
+    let cluster = cluster("pool");
+    let _cleanup = Cleanup { cluster: cluster.clone(), extra: vec![] };
+    let kube = kube_fake::Fake::start("t").await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&cluster, &engine_host(), &idle_machine())
+        .replace("host = ", "node_cleanup = true\nhost = ")
+        .replace("max_size = 5\n", "max_size = 5\nwarm_pool = 1\n")
+        + &format!("[kubernetes]\nkubeconfig = \"{}\"\n", kube.kubeconfig(dir.path(), "t").display());
+    let (server, mut c) = support::start(&text).await;
+    support::increase(&mut c, "g", 2).await.unwrap();
+    let ids = support::wait_running(&c, "g", 2, LIMIT).await;
+
+    // Both deleted: one is stopped into the pool (size 1), the other removed.
+    support::delete(&mut c, "g", &[ids[0].as_str(), ids[1].as_str()]).await.unwrap();
+    support::wait_running(&c, "g", 0, LIMIT).await;
+    let left = support::eventually(LIMIT, "one container left, stopped", || async {
+        let left = containers_of(&docker, &cluster).await;
+        (left.len() == 1).then_some(left)
+    })
+    .await;
+    let (name, id, _) = &left[0];
+    let inspected = docker.inspect_container(id, None::<InspectContainerOptions>).await.unwrap();
+    assert_eq!(inspected.state.unwrap().running, Some(false), "kept, stopped");
+    assert_eq!(support::target_size(&mut c, "g").await, 0);
+
+    // The next scale-up starts it instead of creating one.
+    support::increase(&mut c, "g", 1).await.unwrap();
+    let running = support::wait_running(&c, "g", 1, LIMIT).await;
+    assert_eq!(running, [format!("k3s://{name}")]);
+    assert_eq!(containers_of(&docker, &cluster).await.len(), 1, "nothing created");
+    let inspected = docker.inspect_container(id, None::<InspectContainerOptions>).await.unwrap();
+    assert_eq!(inspected.state.unwrap().running, Some(true));
+    server.stop().await.unwrap();
+}

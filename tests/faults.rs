@@ -65,6 +65,7 @@ fn state_name(s: &MachineState) -> String {
         MachineState::Running => "running",
         MachineState::Deleting => "deleting",
         MachineState::Failed(_) => "failed",
+        MachineState::Stopped => "stopped",
     }
     .to_owned()
 }

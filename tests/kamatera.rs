@@ -1003,3 +1003,46 @@ async fn a_listing_older_than_a_finished_delete_does_not_bring_the_server_back_o
     running.stop().await.unwrap();
     fake.assert_clean();
 }
+
+// === warm pool ===
+
+#[path = "fakes/kube/mod.rs"]
+mod kube_fake;
+
+#[tokio::test]
+async fn a_warm_pool_powers_servers_off_on_scale_down_and_on_for_the_next_scale_up() {
+    let fake = Fake::start().await;
+    let kube = kube_fake::Fake::start("t").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The in-tree provider's poweroff-on-scale-down left a server powered off: it is the pool's.
+    fake.state().add_server("prod-workers-ooooo", "off", OURS);
+    let text = config_text(&fake, "node_cleanup = true\n", "")
+        .replace("name_prefix = \"prod-workers\"\n", "name_prefix = \"prod-workers\"\nwarm_pool = 2\n")
+        + &format!("[kubernetes]\nkubeconfig = \"{}\"\n", kube.kubeconfig(dir.path(), "t").display());
+    let (server, mut c) = support::start(&text).await;
+    support::refresh(&mut c).await.unwrap();
+    assert_eq!(support::target_size(&mut c, "workers").await, 0, "a pool server is not counted");
+    assert!(support::nodes(&mut c, "workers").await.is_empty(), "nor reported");
+
+    // Scale-up of 2: the pool server is powered on, one server is created.
+    support::increase(&mut c, "workers", 2).await.unwrap();
+    let ids = support::wait_running(&c, "workers", 2, LIMIT).await;
+    assert!(ids.contains(&"kamatera://prod-workers-ooooo".to_owned()), "{ids:?}");
+    {
+        let s = fake.state();
+        assert_eq!(s.calls("POST", "/service/server/poweron").len(), 1);
+        assert_eq!(s.calls("POST", "/service/server").len(), 1, "one create");
+    }
+    // Scale-down of both: both powered off and kept (the pool holds 2).
+    support::delete(&mut c, "workers", &[ids[0].as_str(), ids[1].as_str()]).await.unwrap();
+    support::wait_running(&c, "workers", 0, LIMIT).await;
+    {
+        let s = fake.settled();
+        assert_eq!(s.calls("POST", "/service/server/poweroff").len(), 2);
+        assert_eq!(s.calls("POST", "/service/server/terminate").len(), 0, "nothing terminated");
+        assert_eq!(s.server("prod-workers-ooooo").unwrap().power, "off");
+    }
+    assert_eq!(support::target_size(&mut c, "workers").await, 0);
+    server.stop().await.unwrap();
+    fake.assert_clean();
+}

@@ -6,12 +6,14 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
 
+mod incluster;
 mod reader;
 mod tls;
 
+pub use incluster::{LeaderElectionConfig, PriorityExpanderConfig};
 pub use reader::{Problem, Problems, Section};
 
-use crate::provider_id::ProviderIdFormat;
+use crate::{kube, provider_id::ProviderIdFormat};
 
 /// The configuration `flotilla serve` runs with when no file is given: the simulated cloud.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../examples/simulated.toml");
@@ -49,6 +51,14 @@ pub struct Config {
     pub gpu: GpuConfig,
     pub clouds: Vec<CloudConfig>,
     pub groups: Vec<GroupConfig>,
+    /// `[kubernetes]`: how the API is reached (kubeconfig or the pod's service account).
+    pub kubernetes: kube::Settings,
+    /// The one Kubernetes API client, built from `kubernetes` without any I/O (it connects at
+    /// its first call). Drivers and the core share it: one set-up, one token cache.
+    pub kube: kube::Client,
+    pub leader_election: LeaderElectionConfig,
+    /// `None` unless `[priority_expander]` is present.
+    pub priority_expander: Option<PriorityExpanderConfig>,
     /// The parsed file, kept so drivers can read their own keys.
     pub raw: toml::Table,
     /// Directory relative paths are resolved against.
@@ -123,6 +133,8 @@ pub struct CloudConfig {
     pub delete_timeout: Duration,
     /// Substituted for `{region}` in provider ids.
     pub region: String,
+    /// Delete the Node of each machine Flotilla deleted, once the cloud confirms it gone.
+    pub node_cleanup: bool,
 }
 
 /// The largest `max_size` a group may have: far beyond any cluster Kubernetes supports, and
@@ -133,8 +145,15 @@ pub const MAX_GROUP_SIZE: i32 = 10_000;
 pub const MAX_CONCURRENCY: i64 = 1024;
 
 /// Keys of a `[clouds.NAME]` table that the core reads; the driver reads the rest.
-pub const CLOUD_KEYS: &[&str] =
-    &["driver", "create_concurrency", "delete_concurrency", "create_timeout", "delete_timeout", "region"];
+pub const CLOUD_KEYS: &[&str] = &[
+    "driver",
+    "create_concurrency",
+    "delete_concurrency",
+    "create_timeout",
+    "delete_timeout",
+    "region",
+    "node_cleanup",
+];
 
 /// One node group.
 #[derive(Clone, Debug)]
@@ -147,6 +166,11 @@ pub struct GroupConfig {
     pub name_prefix: String,
     pub provider_id: ProviderIdFormat,
     pub price_per_hour: Option<f64>,
+    /// cluster-autoscaler priority-expander priority (higher is tried first).
+    pub priority: Option<u32>,
+    /// Keep up to this many machines stopped instead of deleting them, and start them first on
+    /// scale-up (0: no warm pool).
+    pub warm_pool: u32,
     pub template: TemplateConfig,
     pub options: OptionsConfig,
 }
@@ -274,6 +298,9 @@ fn parse_root(raw: &toml::Table, p: &mut Problems) -> Config {
     }
 
     let cluster = cluster_name.clone().unwrap_or_default();
+    let kubernetes = incluster::parse_kubernetes(root.section("kubernetes", p), p);
+    let leader_election = incluster::parse_leader_election(root.section("leader_election", p), &cluster, p);
+    let priority_expander = incluster::parse_priority_expander(root.section("priority_expander", p), p);
     let mut groups = Vec::new();
     for (name, mut s) in root.named_sections("groups", p) {
         if let Some(g) = parse_group(name, &mut s, &cluster, &clouds, p) {
@@ -283,6 +310,9 @@ fn parse_root(raw: &toml::Table, p: &mut Problems) -> Config {
     }
     if groups.is_empty() && !root.contains("groups") {
         p.push("groups", "at least one node group is required, e.g. [groups.workers]");
+    }
+    if priority_expander.is_some() && !groups.is_empty() && groups.iter().all(|g| g.priority.is_none()) {
+        p.push("priority_expander", "no group declares a priority (groups.NAME.priority)");
     }
     root.finish(p);
 
@@ -295,6 +325,10 @@ fn parse_root(raw: &toml::Table, p: &mut Problems) -> Config {
         gpu,
         clouds,
         groups,
+        kube: kube::Client::new(kubernetes.clone()),
+        kubernetes,
+        leader_election,
+        priority_expander,
         raw: toml::Table::new(),
         base_dir: Default::default(),
     }
@@ -314,8 +348,13 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 
 /// Kubernetes DNS-1123 label, kept short so generated names stay under 63 characters.
 fn is_dns_label(s: &str) -> bool {
+    is_dns_label_of(s, 40)
+}
+
+/// A DNS-1123 label of at most `max` characters.
+fn is_dns_label_of(s: &str, max: usize) -> bool {
     !s.is_empty()
-        && s.len() <= 40
+        && s.len() <= max
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -440,6 +479,7 @@ fn parse_cloud(name: &str, s: &mut Section<'_>, p: &mut Problems) -> CloudConfig
         create_timeout,
         delete_timeout,
         region: s.string("region", p).unwrap_or_else(|| name.to_owned()),
+        node_cleanup: s.boolean("node_cleanup", p).unwrap_or(false),
     }
 }
 
@@ -499,6 +539,21 @@ fn parse_group(
     if price_per_hour.is_some_and(|v| v < 0.0) {
         p.push(s.key_path("price_per_hour"), "must not be negative");
     }
+    let priority = s.integer("priority", p);
+    let warm_pool: u32 = s.integer("warm_pool", p).unwrap_or(0);
+    if warm_pool > 10_000 {
+        p.push(s.key_path("warm_pool"), "must be at most 10000");
+    }
+    if warm_pool > 0 && cloud_config.is_some_and(|c| !c.node_cleanup) {
+        p.push(
+            s.key_path("warm_pool"),
+            format!(
+                "needs node_cleanup = true on cloud {:?}: the Node of a stopped machine would otherwise stay NotReady, \
+                 and cluster-autoscaler counts unready Nodes against the cluster's health",
+                cloud.as_deref().unwrap_or_default()
+            ),
+        );
+    }
     let template = parse_template(s.section("template", p), s.path(), p);
     let options = parse_options(s.section("options", p), p);
     // The driver reads and checks `machine`.
@@ -512,6 +567,8 @@ fn parse_group(
         name_prefix,
         provider_id: provider_id?,
         price_per_hour,
+        priority,
+        warm_pool,
         template,
         options,
     })

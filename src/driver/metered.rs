@@ -67,6 +67,24 @@ impl Driver for Metered {
         r
     }
 
+    fn can_stop(&self) -> bool {
+        self.inner.can_stop()
+    }
+
+    async fn stop(&self, machine: &MachineRef) -> Result<()> {
+        let started = Instant::now();
+        let r = self.inner.stop(machine).await;
+        self.observe("stop", started, &r);
+        r
+    }
+
+    async fn start(&self, machine: &MachineRef) -> Result<Machine> {
+        let started = Instant::now();
+        let r = self.inner.start(machine).await;
+        self.observe("start", started, &r);
+        r
+    }
+
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {
         let started = Instant::now();
         let r = self.inner.shape(group).await;

@@ -61,6 +61,11 @@ pub enum MachineState {
     Deleting,
     /// The cloud gave up on it (e.g. Nova ERROR); cluster-autoscaler will delete it.
     Failed(CreateFailure),
+    /// Stopped and kept, ready to be started again: a warm-pool machine. Reported only for
+    /// groups with a warm pool (`GroupConfig::warm_pool > 0`) by drivers that can stop
+    /// ([`Driver::can_stop`]); in any other group a stopped machine is reported as it always
+    /// was (typically `Failed`, so cluster-autoscaler deletes it).
+    Stopped,
 }
 
 /// Why a machine could not be created, in cluster-autoscaler's terms.
@@ -205,6 +210,29 @@ pub trait Driver: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Warm pools (optional): whether this cloud can stop a machine and start it again. A driver
+    /// that can implements [`Driver::stop`] and [`Driver::start`], and `list` reports a stopped
+    /// machine of a group with a warm pool as [`MachineState::Stopped`]. The core refuses
+    /// `warm_pool` on a cloud whose driver cannot.
+    fn can_stop(&self) -> bool {
+        false
+    }
+
+    /// Stops a running machine and keeps it, with its ownership marks, for a later `start`;
+    /// returns once the cloud has accepted the stop. From then on `list` reports it
+    /// [`MachineState::Stopped`] (once it is). [`Error::NotFound`] if it is gone.
+    async fn stop(&self, machine: &MachineRef) -> Result<()> {
+        let _ = machine;
+        Err(Error::InvalidRequest(format!("the {} driver cannot stop machines", self.kind())))
+    }
+
+    /// Starts a stopped machine; returns it as the cloud reports it then (usually Creating while
+    /// it boots). On error the core deletes the machine and creates a new one instead.
+    async fn start(&self, machine: &MachineRef) -> Result<Machine> {
+        let _ = machine;
+        Err(Error::InvalidRequest(format!("the {} driver cannot start machines", self.kind())))
+    }
+
     /// What a machine of `group` looks like, for the template node. `None` when the cloud does
     /// not know (configuration must then say).
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {
@@ -236,6 +264,9 @@ pub struct CloudSetup<'a> {
     pub groups: Vec<GroupSetup<'a>>,
     /// The node label cluster-autoscaler reads GPU types from.
     pub gpu_label: &'a str,
+    /// The one Kubernetes API client (`[kubernetes]`), for drivers that talk to the cluster
+    /// (the simulated cloud's kwok Nodes).
+    pub kube: &'a crate::kube::Client,
 }
 
 /// One group of a [`CloudSetup`].
@@ -332,10 +363,22 @@ pub fn build(config: &Config, p: &mut Problems) -> Vec<SharedDriver> {
                 GroupSetup { config: g, machine: Section::new(format!("groups.{}.machine", g.name), machine) }
             })
             .collect();
-        let mut setup =
-            CloudSetup { cluster: &config.cluster_name, cloud, section, groups, gpu_label: &config.gpu.label };
+        let mut setup = CloudSetup {
+            cluster: &config.cluster_name,
+            cloud,
+            section,
+            groups,
+            gpu_label: &config.gpu.label,
+            kube: &config.kube,
+        };
         let driver = (kind.build)(&mut setup, p);
         for g in setup.groups {
+            if g.config.warm_pool > 0 && driver.as_ref().is_some_and(|d| !d.can_stop()) {
+                p.push(
+                    format!("groups.{}.warm_pool", g.config.name),
+                    format!("the {} driver cannot stop and start machines, so it cannot keep a warm pool", kind.name),
+                );
+            }
             g.machine.finish(p);
         }
         setup.section.finish(p);

@@ -54,7 +54,12 @@ impl Service {
         body: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
-        let result = body.await;
+        // A follower (leader election on, Lease held elsewhere) serves nothing: its target sizes
+        // and instances are not the truth; the leader's are.
+        let result = match self.fleet.check_leading() {
+            Ok(()) => body.await,
+            Err(e) => Err(e.into()),
+        };
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),

@@ -6,6 +6,7 @@
 //! | bad delta, size past max, node not in group | INVALID_ARGUMENT | the request itself is wrong |
 //! | delete below min size | FAILED_PRECONDITION | valid request, wrong moment |
 //! | stale state | UNAVAILABLE | retry later; CA's loop tries again next scan |
+//! | not the leader (leader election) | UNAVAILABLE | a Service routes to the ready leader; retry |
 //! | cloud: quota / capacity | RESOURCE_EXHAUSTED | |
 //! | cloud: credentials, rejected request | FAILED_PRECONDITION | fix the configuration |
 //! | cloud: unreachable, 5xx, rate limited, timeout | UNAVAILABLE | transient |
@@ -29,7 +30,7 @@ impl From<state::Error> for Status {
             | E::WouldRemoveExisting { .. }
             | E::NotInGroup { .. } => Code::InvalidArgument,
             E::BelowMin { .. } => Code::FailedPrecondition,
-            E::Stale { .. } | E::NotListed { .. } => Code::Unavailable,
+            E::Stale { .. } | E::NotListed { .. } | E::NotLeader { .. } => Code::Unavailable,
             E::Driver { source, .. } => driver_code(source),
         };
         Status::new(code, e.to_string())

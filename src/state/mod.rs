@@ -32,18 +32,18 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{
-        Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
 use tokio::{
-    sync::{OnceCell, Semaphore, oneshot},
+    sync::{Notify, OnceCell, Semaphore, mpsc, oneshot},
     task::JoinSet,
     time::Instant,
 };
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -105,6 +105,9 @@ pub enum Error {
         #[source]
         source: driver::Error,
     },
+    /// Leader election is on and this replica does not hold the Lease.
+    #[error("this replica is not the leader{}", leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_default())]
+    NotLeader { leader: Option<String> },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -149,6 +152,18 @@ enum Delete {
     Retry,
 }
 
+/// Where a warm-pool transition stands. Written by `DeleteNodes` (stopping) and `increase`
+/// (starting), cleared by the stop and start tasks. A stopped pool machine has none: it is
+/// [`Entry::pooled`], derived from what the cloud says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pool {
+    No,
+    /// cluster-autoscaler deleted it; it is being stopped for the pool (reported as deleting).
+    Stopping,
+    /// Taken from the pool for a scale-up; it is being started (reported as creating).
+    Starting,
+}
+
 /// One machine, requested or real.
 #[derive(Debug)]
 struct Entry {
@@ -159,6 +174,7 @@ struct Entry {
     cloud: Option<MachineState>,
     create: Create,
     delete: Delete,
+    pool: Pool,
     /// When this process last learnt something about the entry (created it, heard from its
     /// create, or a listing started): a listing started earlier cannot overrule it.
     confirmed_at: Instant,
@@ -166,12 +182,32 @@ struct Entry {
 
 impl Entry {
     fn new(provider_id: String, create: Create, now: Instant) -> Entry {
-        Entry { provider_id, cloud_id: None, cloud: None, create, delete: Delete::No, confirmed_at: now }
+        Entry {
+            provider_id,
+            cloud_id: None,
+            cloud: None,
+            create,
+            delete: Delete::No,
+            pool: Pool::No,
+            confirmed_at: now,
+        }
+    }
+
+    /// A stopped machine kept in the warm pool: owned and listed, never reported to
+    /// cluster-autoscaler, never counted in the target size.
+    fn pooled(&self) -> bool {
+        self.pool == Pool::No
+            && self.delete == Delete::No
+            && self.create == Create::Done
+            && self.cloud == Some(MachineState::Stopped)
     }
 
     fn phase(&self) -> InstancePhase<'_> {
-        if self.delete != Delete::No {
+        if self.delete != Delete::No || self.pool == Pool::Stopping {
             return InstancePhase::Deleting;
+        }
+        if self.pool == Pool::Starting {
+            return InstancePhase::Creating;
         }
         match &self.create {
             Create::Queued | Create::InFlight => InstancePhase::Creating,
@@ -181,6 +217,8 @@ impl Entry {
                 Some(MachineState::Creating) | None => InstancePhase::Creating,
                 Some(MachineState::Deleting) => InstancePhase::Deleting,
                 Some(MachineState::Failed(f)) => InstancePhase::Failed(f),
+                // Pooled (never reported) or on its way there: not capacity.
+                Some(MachineState::Stopped) => InstancePhase::Deleting,
             },
         }
     }
@@ -208,11 +246,21 @@ struct GroupState {
     entries: BTreeMap<String, Entry>,
     /// provider id -> when its delete finished (or the cloud stopped listing it).
     tombstones: HashMap<String, Instant>,
+    /// Machines whose delete (or stop) returned but that the cloud has not yet shown gone (or
+    /// stopped), on clouds with `node_cleanup`: machine name -> (provider id, when the call
+    /// returned, whether it was a stop). A listing started after that which no longer has the
+    /// machine (or lists it stopped) confirms it, and its Node goes.
+    awaiting_gone: HashMap<String, (String, Instant, bool)>,
 }
 
 impl GroupState {
     fn target(&self) -> usize {
         self.entries.values().filter(|e| e.counts_toward_target()).count()
+    }
+
+    /// Stopped pool machines plus those being stopped: what the pool holds or will.
+    fn pool_size(&self) -> usize {
+        self.entries.values().filter(|e| e.pooled() || e.pool == Pool::Stopping).count()
     }
 }
 
@@ -303,6 +351,23 @@ pub struct PhaseCounts {
     pub running: usize,
     pub deleting: usize,
     pub failed: usize,
+    /// Warm pool: stopped machines (not reported to cluster-autoscaler), machines being stopped
+    /// into it and being started out of it (also counted above as deleting and creating).
+    pub pool_stopped: usize,
+    pub pool_stopping: usize,
+    pub pool_starting: usize,
+}
+
+/// A machine Flotilla deleted that the cloud has confirmed gone, whose Node (if any) should go
+/// too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeGone {
+    pub cloud: String,
+    pub group: String,
+    /// The machine's name (usually its Node's name, which is tried first).
+    pub name: String,
+    /// The Node to delete is the one whose `spec.providerID` is exactly this.
+    pub provider_id: String,
 }
 
 /// All groups on all clouds.
@@ -321,6 +386,17 @@ pub struct Fleet {
     started: Instant,
     /// Creates and deletes, and their failures, are counted here.
     metrics: Arc<Metrics>,
+    /// The current term: cancelled while this replica may not act (leader election on and the
+    /// Lease held by another). Written by [`Fleet::begin_term`] and [`Fleet::end_term`] (the
+    /// elector); read by every operation that records intent, and captured by every background
+    /// task, which stops at once when its term ends.
+    term: Mutex<CancellationToken>,
+    /// Who holds the Lease, when it is not us (for messages).
+    leader: Mutex<Option<String>>,
+    /// Wakes the reconciler when a term begins, so the new leader lists the clouds at once.
+    wake: Notify,
+    /// Where machines confirmed gone are announced, for Node cleanup (set once at start).
+    node_cleanup: OnceLock<mpsc::UnboundedSender<NodeGone>>,
 }
 
 impl Fleet {
@@ -359,6 +435,11 @@ impl Fleet {
         }
         let group_index = groups.iter().enumerate().map(|(i, g)| (g.config.name.clone(), i)).collect();
         let inner = Inner { groups: groups.iter().map(|_| GroupState::default()).collect(), index: HashMap::new() };
+        let term = CancellationToken::new();
+        if config.leader_election.enabled {
+            // A follower until the elector wins the Lease.
+            term.cancel();
+        }
         Arc::new(Fleet {
             cluster: config.cluster_name.clone(),
             state_config: config.state.clone(),
@@ -370,7 +451,130 @@ impl Fleet {
             tasks: TaskTracker::new(),
             started: Instant::now(),
             metrics,
+            term: Mutex::new(term),
+            leader: Mutex::new(None),
+            wake: Notify::new(),
+            node_cleanup: OnceLock::new(),
         })
+    }
+
+    // === leadership ===
+
+    /// The current term's token (cancelled when this replica may not act).
+    fn term(&self) -> CancellationToken {
+        self.term.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// True while this replica may act: always with leader election off, else while it holds
+    /// the Lease.
+    pub fn leading(&self) -> bool {
+        !self.term().is_cancelled()
+    }
+
+    /// The leader's identity as last seen, when it is not us.
+    pub fn leader(&self) -> Option<String> {
+        self.leader.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// An error for a call this replica must not serve, or `Ok` while it leads.
+    pub fn check_leading(&self) -> Result<()> {
+        if self.leading() { Ok(()) } else { Err(Error::NotLeader { leader: self.leader() }) }
+    }
+
+    /// Records who leads, while this replica follows.
+    pub fn set_leader(&self, leader: Option<String>) {
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = leader;
+    }
+
+    /// This replica now holds the Lease: start from nothing and list every cloud at once, so
+    /// the state is rebuilt from the clouds (where it lives), not from a previous term. Sizes
+    /// wait for that first listing, as after a start.
+    pub fn begin_term(&self) {
+        {
+            let mut term = self.term.lock().unwrap_or_else(|e| e.into_inner());
+            if !term.is_cancelled() {
+                return;
+            }
+            self.clear();
+            *term = CancellationToken::new();
+        }
+        self.set_leader(None);
+        info!("leading: rebuilding state from the clouds");
+        self.wake.notify_one();
+    }
+
+    /// This replica lost the Lease: every task of the term stops at once and the state is
+    /// dropped, so nothing acts on a picture another replica now owns.
+    pub fn end_term(&self) {
+        if self.cancel_term() {
+            warn!("no longer leading: stopped every create, delete and listing in flight");
+        }
+    }
+
+    /// The leader is stopping on purpose (its work in flight is done) and releases the Lease.
+    pub fn finish_term(&self) {
+        if self.cancel_term() {
+            info!("stopped leading");
+        }
+    }
+
+    fn cancel_term(&self) -> bool {
+        let term = self.term();
+        if term.is_cancelled() {
+            return false;
+        }
+        // Cancelled before the state is cleared: a task that wakes after this sees its term
+        // over under the lock and writes nothing.
+        term.cancel();
+        self.clear();
+        true
+    }
+
+    fn clear(&self) {
+        let mut inner = self.write();
+        for g in &mut inner.groups {
+            *g = GroupState::default();
+        }
+        inner.index.clear();
+        drop(inner);
+        for c in &self.clouds {
+            *c.health.lock().unwrap_or_else(|e| e.into_inner()) = CloudHealth::default();
+            c.listed.store(false, Ordering::Release);
+        }
+    }
+
+    /// Spawns a background task of the term `term`, which ends it when cancelled.
+    fn spawn_in_term<F>(&self, term: &CancellationToken, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let term = term.clone();
+        self.tasks.spawn(async move {
+            term.run_until_cancelled(work).await;
+        });
+    }
+
+    // === node cleanup ===
+
+    /// Announces machines confirmed gone on clouds with `node_cleanup` to `sender`.
+    pub fn set_node_cleanup(&self, sender: mpsc::UnboundedSender<NodeGone>) {
+        let _ = self.node_cleanup.set(sender);
+    }
+
+    fn node_gone(&self, g: usize, name: &str, provider_id: String) {
+        let group = &self.groups[g];
+        let cloud = &self.clouds[group.cloud];
+        if !cloud.config.node_cleanup {
+            return;
+        }
+        if let Some(sender) = self.node_cleanup.get() {
+            let _ = sender.send(NodeGone {
+                cloud: cloud.config.name.clone(),
+                group: group.config.name.clone(),
+                name: name.to_owned(),
+                provider_id,
+            });
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -389,7 +593,11 @@ impl Fleet {
 
     /// The group owning a provider id, if Flotilla manages it.
     pub fn group_of(&self, provider_id: &str) -> Option<usize> {
-        self.read().index.get(provider_id).map(|(g, _)| *g)
+        let inner = self.read();
+        let (g, name) = inner.index.get(provider_id)?;
+        // A stopped pool machine is not cluster-autoscaler's: its Node (if any left) is not ours.
+        let pooled = inner.groups[*g].entries.get(name).is_some_and(Entry::pooled);
+        (!pooled).then_some(*g)
     }
 
     pub fn target_size(&self, g: usize) -> usize {
@@ -487,7 +695,7 @@ impl Fleet {
     /// Calls `f` for every instance of group `g`, with its provider id and phase.
     pub fn for_each_instance(&self, g: usize, mut f: impl FnMut(&str, InstancePhase<'_>)) {
         let inner = self.read();
-        for entry in inner.groups[g].entries.values() {
+        for entry in inner.groups[g].entries.values().filter(|e| !e.pooled()) {
             f(&entry.provider_id, entry.phase());
         }
     }
@@ -501,6 +709,15 @@ impl Fleet {
             .map(|gs| {
                 let mut c = PhaseCounts::default();
                 for e in gs.entries.values() {
+                    match e.pool {
+                        Pool::Stopping => c.pool_stopping += 1,
+                        Pool::Starting => c.pool_starting += 1,
+                        Pool::No if e.pooled() => {
+                            c.pool_stopped += 1;
+                            continue;
+                        }
+                        Pool::No => {}
+                    }
                     match e.phase() {
                         InstancePhase::Creating => c.creating += 1,
                         InstancePhase::Running => c.running += 1,
@@ -539,6 +756,10 @@ impl Fleet {
         }
         self.check_listed(g)?;
         let mut inner = self.write();
+        let term = self.term();
+        if term.is_cancelled() {
+            return Err(Error::NotLeader { leader: self.leader() });
+        }
         let current = inner.groups[g].target();
         // i64: current + delta can never overflow, whatever CA sends. The check comes before
         // anything is allocated, and config bounds max_size, so delta is bounded here too.
@@ -546,27 +767,151 @@ impl Fleet {
             return Err(Error::AboveMax { group: group.name.clone(), current, delta, max: group.max_size });
         }
         let now = Instant::now();
-        let mut names = Vec::with_capacity(delta as usize);
-        for _ in 0..delta {
+        // The warm pool first: starting a stopped machine takes seconds, creating one minutes.
+        let mut starts = Vec::new();
+        for (name, entry) in inner.groups[g].entries.iter_mut() {
+            if starts.len() == delta as usize {
+                break;
+            }
+            if entry.pooled() {
+                entry.pool = Pool::Starting;
+                entry.confirmed_at = now;
+                starts.push(entry.machine(&group.name, name));
+            }
+        }
+        let mut names = Vec::with_capacity(delta as usize - starts.len());
+        for _ in starts.len()..delta as usize {
             let name = self.unique_name(g, &inner);
             inner.insert(g, name.clone(), Entry::new(self.provider_id(g, &name, None), Create::Queued, now));
             names.push(name);
         }
         drop(inner);
-        info!(group = %group.name, delta, from = current, "scaling up");
-        for name in names {
+        info!(group = %group.name, delta, from = current, from_pool = starts.len(), "scaling up");
+        for machine in starts {
             let fleet = Arc::clone(self);
-            self.tasks.spawn(async move { fleet.create_one(g, name).await });
+            let task_term = term.clone();
+            self.spawn_in_term(&term, async move { fleet.start_one(g, machine, task_term).await });
+        }
+        for name in names {
+            self.spawn_create(g, name, &term);
         }
         Ok(())
     }
 
-    async fn create_one(self: Arc<Self>, g: usize, name: String) {
+    fn spawn_create(self: &Arc<Self>, g: usize, name: String, term: &CancellationToken) {
+        let fleet = Arc::clone(self);
+        let task_term = term.clone();
+        self.spawn_in_term(term, async move { fleet.create_one(g, name, task_term).await });
+    }
+
+    /// Starts one pool machine. One that fails to start is deleted and replaced by a create, so
+    /// the scale-up cluster-autoscaler asked for still happens.
+    async fn start_one(self: Arc<Self>, g: usize, machine: MachineRef, term: CancellationToken) {
+        let group = &self.groups[g];
+        let cloud = &self.clouds[group.cloud];
+        let Ok(_permit) = Arc::clone(&cloud.creates).acquire_owned().await else { return };
+        debug!(group = %group.config.name, name = %machine.name, "starting pool machine");
+        let timeout = cloud.config.create_timeout;
+        let result = match tokio::time::timeout(timeout, cloud.driver.start(&machine)).await {
+            Ok(r) => r,
+            Err(_) => Err(driver::Error::Timeout(format!("start did not finish within {timeout:?}"))),
+        };
+        self.metrics.observe_pool_start(&group.config.name, result.is_ok());
+        let mut inner = self.write();
+        if term.is_cancelled() {
+            return;
+        }
+        let now = Instant::now();
+        let Some(entry) = inner.groups[g].entries.get_mut(&machine.name) else { return };
+        entry.pool = Pool::No;
+        entry.confirmed_at = now;
+        match result {
+            Ok(started) => {
+                entry.cloud = Some(started.state.clone());
+                let delete = entry.delete == Delete::Wanted;
+                if delete {
+                    entry.delete = Delete::InFlight;
+                }
+                let provider_id = entry.provider_id.clone();
+                drop(inner);
+                info!(group = %group.config.name, name = %machine.name, "started pool machine");
+                if delete {
+                    self.spawn_delete(g, machine, provider_id, true, &term);
+                }
+            }
+            Err(e) => {
+                warn!(group = %group.config.name, name = %machine.name, error = %e, "pool machine did not start; deleting it and creating a new one");
+                let replace = entry.delete == Delete::No;
+                entry.delete = Delete::InFlight;
+                let provider_id = entry.provider_id.clone();
+                let replacement = replace.then(|| {
+                    let name = self.unique_name(g, &inner);
+                    inner.insert(g, name.clone(), Entry::new(self.provider_id(g, &name, None), Create::Queued, now));
+                    name
+                });
+                drop(inner);
+                self.spawn_delete(g, machine, provider_id, true, &term);
+                if let Some(name) = replacement {
+                    self.spawn_create(g, name, &term);
+                }
+            }
+        }
+    }
+
+    /// Stops one machine into the pool. One that cannot be stopped is deleted, as
+    /// cluster-autoscaler asked.
+    async fn stop_one(self: Arc<Self>, g: usize, machine: MachineRef, provider_id: String, term: CancellationToken) {
+        let cloud = &self.clouds[self.groups[g].cloud];
+        let Ok(_permit) = Arc::clone(&cloud.deletes).acquire_owned().await else { return };
+        let timeout = cloud.config.delete_timeout;
+        let result = match tokio::time::timeout(timeout, cloud.driver.stop(&machine)).await {
+            Ok(r) => r,
+            Err(_) => Err(driver::Error::Timeout(format!("stop did not finish within {timeout:?}"))),
+        };
+        let mut inner = self.write();
+        if term.is_cancelled() {
+            return;
+        }
+        let now = Instant::now();
+        match result {
+            Ok(()) => {
+                info!(group = %machine.group, name = %machine.name, "stopped machine into the warm pool");
+                if let Some(entry) = inner.groups[g].entries.get_mut(&machine.name) {
+                    entry.pool = Pool::No;
+                    entry.cloud = Some(MachineState::Stopped);
+                    entry.confirmed_at = now;
+                }
+                if cloud.config.node_cleanup {
+                    // Its Node goes once a listing shows the machine stopped.
+                    inner.groups[g].awaiting_gone.insert(machine.name.clone(), (provider_id, now, true));
+                }
+            }
+            Err(driver::Error::NotFound(_)) => {
+                info!(group = %machine.group, name = %machine.name, "machine to stop is already gone");
+                inner.remove(g, &machine.name);
+                drop(inner);
+                self.node_gone(g, &machine.name, provider_id);
+            }
+            Err(e) => {
+                warn!(group = %machine.group, name = %machine.name, error = %e, "cannot stop the machine for the warm pool; deleting it");
+                let Some(entry) = inner.groups[g].entries.get_mut(&machine.name) else { return };
+                entry.pool = Pool::No;
+                entry.delete = Delete::InFlight;
+                drop(inner);
+                self.spawn_delete(g, machine, provider_id, true, &term);
+            }
+        }
+    }
+
+    async fn create_one(self: Arc<Self>, g: usize, name: String, term: CancellationToken) {
         let group = &self.groups[g];
         let cloud = &self.clouds[group.cloud];
         let Ok(_permit) = Arc::clone(&cloud.creates).acquire_owned().await else { return };
         {
             let mut inner = self.write();
+            if term.is_cancelled() {
+                return;
+            }
             let Some(entry) = inner.groups[g].entries.get_mut(&name) else { return };
             if entry.delete != Delete::No {
                 // Cancelled before it started: nothing to create.
@@ -588,6 +933,10 @@ impl Fleet {
                 ))),
             };
         let mut inner = self.write();
+        if term.is_cancelled() {
+            // The term ended while the cloud worked: the next leader finds the machine by its marks.
+            return;
+        }
         let now = Instant::now();
         match result {
             Ok(machine) => {
@@ -596,7 +945,7 @@ impl Fleet {
                     // Nobody wants it any more (cannot normally happen: deletes of in-flight
                     // creates only mark them). Never leak it.
                     drop(inner);
-                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, true);
+                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, true, &term);
                     return;
                 };
                 entry.cloud_id = Some(machine.id.clone());
@@ -614,7 +963,7 @@ impl Fleet {
                 drop(inner);
                 info!(group = %group.config.name, %name, %provider_id, "machine created");
                 if delete {
-                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, true);
+                    self.spawn_delete(g, MachineRef::from(&machine), provider_id, true, &term);
                 }
             }
             Err(e) => {
@@ -629,7 +978,7 @@ impl Fleet {
                     entry.delete = Delete::InFlight;
                     let (machine, provider_id) = (entry.machine(&group.config.name, &name), entry.provider_id.clone());
                     drop(inner);
-                    self.spawn_delete(g, machine, provider_id, true);
+                    self.spawn_delete(g, machine, provider_id, true, &term);
                 }
             }
         }
@@ -648,7 +997,12 @@ impl Fleet {
     /// [`Fleet::delete_nodes`], waiting for the cloud's records only until `until` (see
     /// [`Fleet::wait_until`]); the deletes are accepted either way.
     pub async fn delete_nodes_until(self: &Arc<Self>, g: usize, provider_ids: &[&str], until: Instant) -> Result<()> {
-        let to_delete = self.accept_deletes(g, provider_ids)?;
+        let (to_delete, to_stop, term) = self.accept_deletes(g, provider_ids)?;
+        for (machine, provider_id) in to_stop {
+            let fleet = Arc::clone(self);
+            let task_term = term.clone();
+            self.spawn_in_term(&term, async move { fleet.stop_one(g, machine, provider_id, task_term).await });
+        }
         if to_delete.is_empty() {
             return Ok(());
         }
@@ -656,7 +1010,11 @@ impl Fleet {
         for (machine, provider_id) in to_delete {
             let (tx, rx) = oneshot::channel();
             let fleet = Arc::clone(self);
-            self.tasks.spawn(async move { fleet.delete_one(g, machine, provider_id, Some(tx)).await });
+            let task_term = term.clone();
+            self.spawn_in_term(
+                &term,
+                async move { fleet.delete_one(g, machine, provider_id, Some(tx), task_term).await },
+            );
             marked.spawn(rx);
         }
         let all_marked = async { while marked.join_next().await.is_some() {} };
@@ -670,11 +1028,21 @@ impl Fleet {
     }
 
     /// The synchronous half of `DeleteNodes`: checks the request and records the intent.
-    /// Returns the machines whose delete can start now.
-    fn accept_deletes(&self, g: usize, provider_ids: &[&str]) -> Result<Vec<(MachineRef, String)>> {
+    /// Returns the machines whose delete can start now, those to stop into the warm pool
+    /// instead, and the term they belong to.
+    #[allow(clippy::type_complexity, reason = "a private helper's three results")]
+    fn accept_deletes(
+        &self,
+        g: usize,
+        provider_ids: &[&str],
+    ) -> Result<(Vec<(MachineRef, String)>, Vec<(MachineRef, String)>, CancellationToken)> {
         let group = &self.groups[g].config;
         self.check_listed(g)?;
         let mut inner = self.write();
+        let term = self.term();
+        if term.is_cancelled() {
+            return Err(Error::NotLeader { leader: self.leader() });
+        }
         let mut names: Vec<String> = Vec::new();
         let mut seen = HashSet::new();
         let mut foreign = Vec::new();
@@ -708,10 +1076,24 @@ impl Fleet {
             });
         }
         let mut to_delete = Vec::new();
+        let mut to_stop = Vec::new();
+        let mut pool_room = (self.groups[g].config.warm_pool as usize).saturating_sub(inner.groups[g].pool_size());
         for name in names {
             let Some(entry) = inner.groups[g].entries.get_mut(&name) else { continue };
-            if entry.delete != Delete::No {
-                continue; // already being deleted
+            if entry.delete != Delete::No || entry.pool == Pool::Stopping {
+                continue; // already being deleted or stopped
+            }
+            if entry.pool == Pool::Starting {
+                // The start task deletes it when the cloud answers.
+                entry.delete = Delete::Wanted;
+                continue;
+            }
+            if pool_room > 0 && entry.create == Create::Done && entry.cloud == Some(MachineState::Running) {
+                // Kept stopped instead of deleted: the next scale-up starts it in seconds.
+                pool_room -= 1;
+                entry.pool = Pool::Stopping;
+                to_stop.push((entry.machine(&group.name, &name), entry.provider_id.clone()));
+                continue;
             }
             match entry.create {
                 Create::Queued => {
@@ -730,20 +1112,28 @@ impl Fleet {
             }
         }
         drop(inner);
-        info!(group = %group.name, count = provider_ids.len(), "deleting nodes");
-        Ok(to_delete)
+        info!(group = %group.name, count = provider_ids.len(), to_pool = to_stop.len(), "deleting nodes");
+        Ok((to_delete, to_stop, term))
     }
 
     /// Starts a background delete. `mark` first records the delete in the cloud (not needed when
     /// a listing already shows the machine being deleted).
-    fn spawn_delete(self: &Arc<Self>, g: usize, machine: MachineRef, provider_id: String, mark: bool) {
+    fn spawn_delete(
+        self: &Arc<Self>,
+        g: usize,
+        machine: MachineRef,
+        provider_id: String,
+        mark: bool,
+        term: &CancellationToken,
+    ) {
         let fleet = Arc::clone(self);
-        self.tasks.spawn(async move {
+        let task_term = term.clone();
+        self.spawn_in_term(term, async move {
             if mark {
                 let (tx, _) = oneshot::channel();
-                fleet.delete_one(g, machine, provider_id, Some(tx)).await
+                fleet.delete_one(g, machine, provider_id, Some(tx), task_term).await
             } else {
-                fleet.delete_one(g, machine, provider_id, None).await
+                fleet.delete_one(g, machine, provider_id, None, task_term).await
             }
         });
     }
@@ -756,6 +1146,7 @@ impl Fleet {
         machine: MachineRef,
         provider_id: String,
         marked: Option<oneshot::Sender<()>>,
+        term: CancellationToken,
     ) {
         let cloud = &self.clouds[self.groups[g].cloud];
         let timeout = cloud.config.delete_timeout;
@@ -797,12 +1188,27 @@ impl Fleet {
             }
         };
         let mut inner = self.write();
+        if term.is_cancelled() {
+            return;
+        }
         match result {
-            Ok(()) | Err(driver::Error::NotFound(_)) => {
+            Ok(()) => {
                 info!(group = %machine.group, name = %machine.name, %provider_id, "machine deleted");
                 if inner.remove(g, &machine.name).is_none() {
-                    inner.groups[g].tombstones.insert(provider_id, Instant::now());
+                    inner.groups[g].tombstones.insert(provider_id.clone(), Instant::now());
                 }
+                if cloud.config.node_cleanup {
+                    // Its Node goes once a listing confirms the machine gone.
+                    inner.groups[g].awaiting_gone.insert(machine.name.clone(), (provider_id, Instant::now(), false));
+                }
+            }
+            Err(driver::Error::NotFound(_)) => {
+                info!(group = %machine.group, name = %machine.name, %provider_id, "machine already gone");
+                if inner.remove(g, &machine.name).is_none() {
+                    inner.groups[g].tombstones.insert(provider_id.clone(), Instant::now());
+                }
+                drop(inner);
+                self.node_gone(g, &machine.name, provider_id);
             }
             Err(e) => {
                 // Stays Deleting; the next listing that still finds it tries again.
@@ -823,6 +1229,9 @@ impl Fleet {
         }
         self.check_listed(g)?;
         let mut inner = self.write();
+        if self.term().is_cancelled() {
+            return Err(Error::NotLeader { leader: self.leader() });
+        }
         let state = &inner.groups[g];
         // Cheapest first: queued, then failed, then creates still waiting for the cloud.
         let rank = |e: &Entry| match e.create {
@@ -874,6 +1283,7 @@ impl Fleet {
     /// [`Fleet::refresh`], waiting for the listings only until `until` (see
     /// [`Fleet::wait_until`]).
     pub async fn refresh_until(self: &Arc<Self>, until: Instant) -> Result<()> {
+        self.check_leading()?;
         let requested_at = Instant::now();
         let mut handles = Vec::with_capacity(self.clouds.len());
         for c in 0..self.clouds.len() {
@@ -904,14 +1314,21 @@ impl Fleet {
 
     /// True once every cloud has been listed and its newest listing succeeded.
     pub fn ready(&self) -> bool {
-        self.clouds.iter().all(|c| {
-            let h = c.health.lock().unwrap_or_else(|e| e.into_inner());
-            h.last_ok.is_some() && h.healthy
-        })
+        self.leading()
+            && self.clouds.iter().all(|c| {
+                let h = c.health.lock().unwrap_or_else(|e| e.into_inner());
+                h.last_ok.is_some() && h.healthy
+            })
     }
 
     /// Why the fleet is not ready, one line per cloud with a problem.
     pub fn readiness_problems(&self) -> Vec<String> {
+        if !self.leading() {
+            return vec![match self.leader() {
+                Some(l) => format!("following: the leader is {l}"),
+                None => "following: waiting for the leader lease".to_owned(),
+            }];
+        }
         self.clouds
             .iter()
             .filter_map(|c| {
@@ -928,6 +1345,10 @@ impl Fleet {
     /// Lists cloud `c` unless a listing started after `requested_at` already succeeded.
     pub async fn refresh_cloud(self: &Arc<Self>, c: usize, requested_at: Instant) {
         let cloud = &self.clouds[c];
+        let term = self.term();
+        if term.is_cancelled() {
+            return;
+        }
         let _listing = cloud.listing.lock().await;
         {
             let h = cloud.health.lock().unwrap_or_else(|e| e.into_inner());
@@ -942,6 +1363,10 @@ impl Fleet {
                 Err(driver::Error::Timeout(format!("listing took longer than {:?}", self.state_config.max_staleness)))
             }
         };
+        if term.is_cancelled() {
+            // Taken for a term that is over; the state it would update was dropped.
+            return;
+        }
         match result {
             Ok(machines) => {
                 self.reconcile_cloud(c, machines, started);
@@ -977,6 +1402,9 @@ impl Fleet {
         let now = Instant::now();
         // (group, machine, provider id, mark first)
         let mut deletes: Vec<(usize, MachineRef, String, bool)> = Vec::new();
+        // (group, machine name, provider id) of machines Flotilla deleted that are now gone.
+        let mut gone: Vec<(usize, String, String)> = Vec::new();
+        let term = self.term();
         let mut inner = self.write();
         let Inner { groups, index } = &mut *inner;
         for &g in &cloud.groups {
@@ -984,6 +1412,29 @@ impl Fleet {
             let listed = by_group.remove(&g).unwrap_or_default();
             let state = &mut groups[g];
             state.tombstones.retain(|_, at| at.elapsed() < TOMBSTONE_TTL);
+            if !state.awaiting_gone.is_empty() {
+                let states: HashMap<&str, &MachineState> = listed.iter().map(|m| (m.name.as_str(), &m.state)).collect();
+                state.awaiting_gone.retain(|name, (provider_id, at, stopped)| {
+                    let listed_as = states.get(name.as_str());
+                    let confirmed = *at < started
+                        && match listed_as {
+                            None => true,
+                            Some(s) => *stopped && **s == MachineState::Stopped,
+                        };
+                    if confirmed {
+                        gone.push((g, name.clone(), provider_id.clone()));
+                        false
+                    } else if *stopped && *at < started && listed_as.is_some() {
+                        // Listed, but no longer stopped (started again meanwhile): nothing to clean.
+                        false
+                    } else if at.elapsed() > TOMBSTONE_TTL {
+                        warn!(%name, %provider_id, "the cloud still lists a deleted machine; giving up on its node cleanup");
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
             let mut old = std::mem::take(&mut state.entries);
             for e in old.values() {
                 index.remove(&e.provider_id);
@@ -1054,6 +1505,7 @@ impl Fleet {
             for (name, entry) in old {
                 // Keep what the listing cannot know about yet; drop what the cloud no longer has.
                 let keep = entry.create_running()
+                    || entry.pool != Pool::No
                     || entry.confirmed_at > started
                     || entry.delete == Delete::InFlight
                     || match entry.create {
@@ -1066,8 +1518,26 @@ impl Fleet {
                 if keep {
                     fresh.insert(name, entry);
                 } else {
+                    if entry.delete != Delete::No && entry.cloud_id.is_some() {
+                        // Flotilla wanted it deleted (perhaps an earlier process) and the cloud
+                        // no longer has it: gone.
+                        gone.push((g, name.clone(), entry.provider_id.clone()));
+                    }
                     // So a late or repeated delete of it is a no-op.
                     state.tombstones.insert(entry.provider_id, now);
+                }
+            }
+            // A pool holding more than it may (its size was lowered, or machines stopped on their
+            // own): delete the extras.
+            let warm_pool = self.groups[g].config.warm_pool as usize;
+            let mut pooled: Vec<&String> = fresh.iter().filter(|(_, e)| e.pooled()).map(|(n, _)| n).collect();
+            if pooled.len() > warm_pool {
+                pooled.sort();
+                let extra: Vec<String> = pooled.into_iter().skip(warm_pool).cloned().collect();
+                for name in extra {
+                    let entry = fresh.get_mut(&name).expect("listed above");
+                    entry.delete = Delete::InFlight;
+                    deletes.push((g, entry.machine(group_name, &name), entry.provider_id.clone(), true));
                 }
             }
             for (name, e) in &fresh {
@@ -1079,8 +1549,11 @@ impl Fleet {
         if !cloud.listed.swap(true, Ordering::AcqRel) {
             cloud.listed_notify.notify_waiters();
         }
+        for (g, name, provider_id) in gone {
+            self.node_gone(g, &name, provider_id);
+        }
         for (g, machine, provider_id, mark) in deletes {
-            self.spawn_delete(g, machine, provider_id, mark);
+            self.spawn_delete(g, machine, provider_id, mark, &term);
         }
     }
 
@@ -1091,6 +1564,16 @@ impl Fleet {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                // A new term lists at once (the tick below would skip a fresh listing anyway).
+                () = self.wake.notified() => {
+                    let requested_at = Instant::now();
+                    let mut handles = Vec::new();
+                    for c in 0..self.clouds.len() {
+                        let fleet = Arc::clone(&self);
+                        handles.push(tokio::spawn(async move { fleet.refresh_cloud(c, requested_at).await }));
+                    }
+                    futures_join_all(handles).await;
+                }
                 _ = tick.tick() => {
                     // A listing newer than one interval is fresh enough to skip.
                     let requested_at = Instant::now().checked_sub(self.state_config.reconcile_interval).unwrap_or_else(Instant::now);

@@ -60,6 +60,18 @@ struct DeleteFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    group: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolStartLabels {
+    group: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -93,10 +105,14 @@ pub struct Metrics {
     driver_errors: Family<DriverErrorLabels, Counter>,
     instances: Family<InstanceLabels, Gauge>,
     ready: Gauge,
+    leader: Gauge,
     creates: Family<GroupLabels, Counter>,
     create_failures: Family<CreateFailureLabels, Counter>,
     deletes: Family<GroupLabels, Counter>,
     delete_failures: Family<DeleteFailureLabels, Counter>,
+    pool_machines: Family<PoolLabels, Gauge>,
+    pool_capacity: Family<GroupLabels, Gauge>,
+    pool_starts: Family<PoolStartLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -118,10 +134,14 @@ impl Metrics {
         let driver_errors = Family::<DriverErrorLabels, Counter>::default();
         let instances = Family::<InstanceLabels, Gauge>::default();
         let ready = Gauge::default();
+        let leader = Gauge::default();
         let creates = Family::<GroupLabels, Counter>::default();
         let create_failures = Family::<CreateFailureLabels, Counter>::default();
         let deletes = Family::<GroupLabels, Counter>::default();
         let delete_failures = Family::<DeleteFailureLabels, Counter>::default();
+        let pool_machines = Family::<PoolLabels, Gauge>::default();
+        let pool_capacity = Family::<GroupLabels, Gauge>::default();
+        let pool_starts = Family::<PoolStartLabels, Counter>::default();
         registry.register("grpc_requests", "gRPC requests served, by method and status code", rpc_requests.clone());
         registry.register_with_unit(
             "grpc_request_duration",
@@ -147,6 +167,11 @@ impl Metrics {
             "1 when every cloud has been listed and its newest listing succeeded",
             ready.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this replica may act: always with leader election off, else while it holds the Lease",
+            leader.clone(),
+        );
         registry.register("creates", "Machine creates started, by node group", creates.clone());
         registry.register(
             "create_failures",
@@ -158,6 +183,21 @@ impl Metrics {
             "delete_failures",
             "Failed machine deletes (retried at the next reconcile), by node group and error kind",
             delete_failures.clone(),
+        );
+        registry.register(
+            "warm_pool_machines",
+            "Warm pool machines by node group and state: stopped (kept, not reported to cluster-autoscaler), stopping, starting",
+            pool_machines.clone(),
+        );
+        registry.register(
+            "warm_pool_capacity",
+            "The most machines a node group's warm pool keeps stopped (groups.G.warm_pool)",
+            pool_capacity.clone(),
+        );
+        registry.register(
+            "warm_pool_starts",
+            "Pool machines started for a scale-up, by node group and result (failed ones are deleted and replaced by creates)",
+            pool_starts.clone(),
         );
         registry.register(
             "build",
@@ -173,11 +213,21 @@ impl Metrics {
             driver_errors,
             instances,
             ready,
+            leader,
             creates,
             create_failures,
             deletes,
             delete_failures,
+            pool_machines,
+            pool_capacity,
+            pool_starts,
         }
+    }
+
+    /// Records a pool machine started for a scale-up.
+    pub fn observe_pool_start(&self, group: &str, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.pool_starts.get_or_create(&PoolStartLabels { group: group.to_owned(), result }).inc();
     }
 
     /// Records a create handed to the driver.
@@ -245,8 +295,20 @@ impl Metrics {
             ] {
                 self.instances.get_or_create(&InstanceLabels { group: group.config.name.clone(), state }).set(n as i64);
             }
+            if group.config.warm_pool > 0 {
+                let name = group.config.name.clone();
+                for (state, n) in [
+                    ("stopped", counts.pool_stopped),
+                    ("stopping", counts.pool_stopping),
+                    ("starting", counts.pool_starting),
+                ] {
+                    self.pool_machines.get_or_create(&PoolLabels { group: name.clone(), state }).set(n as i64);
+                }
+                self.pool_capacity.get_or_create(&GroupLabels { group: name }).set(i64::from(group.config.warm_pool));
+            }
         }
         self.ready.set(i64::from(fleet.ready()));
+        self.leader.set(i64::from(fleet.leading()));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String cannot fail");
         out

@@ -58,6 +58,8 @@ pub struct DockerDriver {
     /// Names whose create runs in this process. Written by `create`, read by `list`: a
     /// container still `created` that no create is working on was left by an interrupted one.
     creating: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Groups with a warm pool: their exited containers are listed as Stopped (see `stop`).
+    pool_groups: std::collections::HashSet<String>,
 }
 
 /// Takes a name out of [`DockerDriver::creating`] when its create ends, however it ends.
@@ -79,7 +81,49 @@ impl DockerDriver {
             groups,
             engine: Engine::new(cloud.host, cloud.timeout),
             creating: Default::default(),
+            pool_groups: Default::default(),
         }
+    }
+
+    /// Groups whose exited containers are warm-pool machines.
+    pub fn with_pool_groups(mut self, groups: impl IntoIterator<Item = String>) -> DockerDriver {
+        self.pool_groups = groups.into_iter().collect();
+        self
+    }
+
+    /// The container `machine` names, refusing one without this cluster's and group's labels.
+    async fn own_container(
+        &self,
+        docker: &Docker,
+        machine: &MachineRef,
+        what: &str,
+    ) -> Result<bollard::models::ContainerInspectResponse> {
+        let MachineRef { group, name, id } = machine;
+        let target = if id.is_empty() { name } else { id };
+        let found = match docker.inspect_container(target, None::<InspectContainerOptions>).await {
+            Ok(found) => found,
+            Err(e) if engine::status(&e) == Some(404) => return Err(Error::NotFound(format!("container {name}"))),
+            Err(e) => return Err(self.engine.error(&format!("inspect container {name}"), e)),
+        };
+        let labels = found.config.as_ref().and_then(|c| c.labels.as_ref());
+        if self.owner(labels) != Some(group.as_str()) {
+            return Err(Error::InvalidRequest(format!(
+                "container {name} ({target}) does not carry the labels of cluster {:?} group {group:?}; not {what} it",
+                self.cluster
+            )));
+        }
+        Ok(found)
+    }
+
+    fn refuse_in_dry_run(&self, what: &str, name: &str) -> Result<()> {
+        if self.dry_run {
+            info!(%name, engine = %self.engine.host(), "dry run: would {what} container");
+            return Err(Error::InvalidRequest(format!(
+                "dry run: would {what} container {name} on docker engine {}; nothing was done",
+                self.engine.host()
+            )));
+        }
+        Ok(())
     }
 
     /// The create itself: make the container, start it (see [`Driver::create`]).
@@ -236,7 +280,12 @@ pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut crate::config::Problems)
             groups.insert(g.config.name.clone(), s);
         }
     }
-    settings.map(|s| std::sync::Arc::new(DockerDriver::new(setup.cluster, s, groups)) as super::SharedDriver)
+    let pool_groups: Vec<String> =
+        setup.groups.iter().filter(|g| g.config.warm_pool > 0).map(|g| g.config.name.clone()).collect();
+    settings.map(|s| {
+        std::sync::Arc::new(DockerDriver::new(setup.cluster, s, groups).with_pool_groups(pool_groups))
+            as super::SharedDriver
+    })
 }
 
 fn stop_seconds(g: &GroupSettings) -> i64 {
@@ -321,7 +370,14 @@ impl Driver for DockerDriver {
             };
             let Some(id) = c.id.clone() else { continue };
             let in_flight = self.creating.lock().unwrap_or_else(|e| e.into_inner()).contains(&name);
-            let state = listed_state(c.state, c.status.as_deref(), in_flight);
+            let state = if c.state == Some(ContainerSummaryStateEnum::EXITED) && self.pool_groups.contains(group) {
+                // A container cannot be marked after it is made, so in a group with a warm pool
+                // every exited container is a pool machine: one that stopped on its own is
+                // started again by the next scale-up, or deleted and replaced if it will not.
+                MachineState::Stopped
+            } else {
+                listed_state(c.state, c.status.as_deref(), in_flight)
+            };
             machines.push(Machine { group: group.to_owned(), name, id, state });
         }
         Ok(machines)
@@ -376,6 +432,51 @@ impl Driver for DockerDriver {
             Err(e) if engine::status(&e) == Some(409) && engine::message(&e).contains("in progress") => Ok(()),
             Err(e) => Err(self.engine.error(&format!("remove container {name}"), e)),
         }
+    }
+
+    fn can_stop(&self) -> bool {
+        true
+    }
+
+    /// `docker stop` with the group's grace period; the container is kept.
+    async fn stop(&self, machine: &MachineRef) -> Result<()> {
+        self.refuse_in_dry_run("stop", &machine.name)?;
+        let docker = self.engine.client().await?;
+        let found = self.own_container(docker, machine, "stopping").await?;
+        let id = found.id.clone().unwrap_or_else(|| machine.name.clone());
+        let grace = self.group(&machine.group).map(stop_seconds).unwrap_or(30);
+        let patient = docker.clone().with_timeout(docker.timeout() + std::time::Duration::from_secs(grace as u64));
+        let stop = StopContainerOptionsBuilder::new().t(i32::try_from(grace).unwrap_or(i32::MAX)).build();
+        match patient.stop_container(&id, Some(stop)).await {
+            Ok(()) => {}
+            // 304: already stopped.
+            Err(e) if engine::status(&e) == Some(304) => {}
+            Err(e) if engine::status(&e) == Some(404) => {
+                return Err(Error::NotFound(format!("container {}", machine.name)));
+            }
+            Err(e) => return Err(self.engine.error(&format!("stop container {}", machine.name), e)),
+        }
+        info!(group = %machine.group, name = %machine.name, "container stopped into the warm pool");
+        Ok(())
+    }
+
+    /// `docker start` of a stopped container; its k3s agent starts again and rejoins.
+    async fn start(&self, machine: &MachineRef) -> Result<Machine> {
+        self.refuse_in_dry_run("start", &machine.name)?;
+        let docker = self.engine.client().await?;
+        let found = self.own_container(docker, machine, "starting").await?;
+        let id = found.id.clone().unwrap_or_else(|| machine.name.clone());
+        match docker.start_container(&id, None).await {
+            Ok(()) => {}
+            // 304: already running.
+            Err(e) if engine::status(&e) == Some(304) => {}
+            Err(e) if engine::status(&e) == Some(404) => {
+                return Err(Error::NotFound(format!("container {}", machine.name)));
+            }
+            Err(e) => return Err(self.engine.error(&format!("start container {}", machine.name), e)),
+        }
+        info!(group = %machine.group, name = %machine.name, "container started from the warm pool");
+        Ok(Machine { group: machine.group.clone(), name: machine.name.clone(), id, state: MachineState::Running })
     }
 
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {

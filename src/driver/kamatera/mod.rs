@@ -54,8 +54,11 @@
 //! provider id is `kamatera://<name>`); Kamatera's own server id is used only to address calls.
 //!
 //! # Warm pools
-//! [`Kamatera::power`] powers a tagged server on or off and waits for the command; the core does
-//! not call it yet (a stop/start capability is planned).
+//! `stop` and `start` power a tagged server off and on ([`Kamatera::power`]) and wait for the
+//! command, as the in-tree provider's `poweroff-on-scale-down` / `poweron-on-scale-up` do. In a
+//! group with a warm pool, a powered-off server with no create running for it is listed as
+//! Stopped (a pool machine) instead of Failed (`POWERED_OFF`): so the powered-off servers the
+//! in-tree provider left behind become Flotilla's pool after a migration.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -137,6 +140,8 @@ pub struct Kamatera {
     poll_interval: Duration,
     lost_create_grace: Duration,
     memory: Mutex<Memory>,
+    /// Groups with a warm pool (`groups.G.warm_pool`).
+    pool_groups: HashSet<String>,
 }
 
 fn key(s: &ServerRow) -> String {
@@ -236,7 +241,10 @@ fn from_setup(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<Kam
         }
     };
     let name_prefixes = setup.groups.iter().map(|g| format!("{}-", g.config.name_prefix)).collect();
-    Some(Kamatera::new(setup.cluster, cloud, client, groups, name_prefixes))
+    let mut driver = Kamatera::new(setup.cluster, cloud, client, groups, name_prefixes);
+    driver.pool_groups =
+        setup.groups.iter().filter(|g| g.config.warm_pool > 0).map(|g| g.config.name.clone()).collect();
+    Some(driver)
 }
 
 impl Kamatera {
@@ -260,6 +268,7 @@ impl Kamatera {
             poll_interval: cloud.poll_interval,
             lost_create_grace: cloud.lost_create_grace,
             memory: Mutex::new(Memory::default()),
+            pool_groups: HashSet::new(),
         }
     }
 
@@ -295,6 +304,7 @@ impl Kamatera {
             section,
             groups,
             gpu_label: &config.gpu.label,
+            kube: &config.kube,
         };
         match from_setup(&mut setup, &mut p) {
             Some(d) if p.is_empty() => Ok(d),
@@ -617,8 +627,8 @@ impl Kamatera {
         mem.deleting.remove(name);
     }
 
-    /// Powers a server of this cluster on or off and waits for the command (the hook for warm
-    /// pools; the core does not call it yet). [`Error::NotFound`] when the server is gone.
+    /// Powers a server of this cluster on or off and waits for the command (warm pools).
+    /// [`Error::NotFound`] when the server is gone.
     pub async fn power(&self, machine: &MachineRef, on: bool) -> Result<()> {
         let Some(server) = self.tagged_server(&machine.name, &machine.group).await? else {
             return Err(Error::NotFound(format!("kamatera server {}", machine.name)));
@@ -760,6 +770,8 @@ impl Driver for Kamatera {
             } else if s.power_on {
                 orphans_checked.remove(&s.name);
                 MachineState::Running
+            } else if orphans_checked.contains(&s.name) && self.pool_groups.contains(&group) {
+                MachineState::Stopped
             } else if orphans_checked.contains(&s.name) {
                 MachineState::Failed(powered_off(&s.name))
             } else {
@@ -793,6 +805,30 @@ impl Driver for Kamatera {
             }
         }
         Ok(machines)
+    }
+
+    fn can_stop(&self) -> bool {
+        true
+    }
+
+    /// Powers the server off and waits for the command; it is then known to have no create
+    /// running (no queue lookup needed).
+    async fn stop(&self, machine: &MachineRef) -> Result<()> {
+        self.power(machine, false).await?;
+        self.memory().orphans_checked.insert(machine.name.clone());
+        Ok(())
+    }
+
+    /// Powers the server on and waits for the command; it boots and its kubelet rejoins.
+    async fn start(&self, machine: &MachineRef) -> Result<Machine> {
+        self.power(machine, true).await?;
+        self.memory().orphans_checked.remove(&machine.name);
+        Ok(Machine {
+            group: machine.group.clone(),
+            name: machine.name.clone(),
+            id: machine.name.clone(),
+            state: MachineState::Running,
+        })
     }
 
     async fn create(&self, group: &str, name: &str) -> Result<Machine> {

@@ -319,6 +319,15 @@ impl Api {
             .map(|_| ())
     }
 
+    /// `POST /servers/{id}/action` with `{"<action>": null}` (`os-stop`, `os-start`); Nova
+    /// answers 202 and does the work asynchronously. Sent once: a repeat of a stop that went
+    /// through answers 409, which the caller reads against the server's state.
+    pub async fn server_action(&self, id: &str, action: &str) -> Result<(), Error> {
+        let body = serde_json::json!({ action: null });
+        let path = format!("/servers/{id}/action");
+        self.call(Service::Compute, Method::POST, &path, &[], Some(&body), Repeat::Never).await.map(|_| ())
+    }
+
     /// `PUT /servers/{id}/metadata/{key}`: sets one metadata item, leaving the others.
     pub async fn set_server_metadata_item(&self, id: &str, key: &str, value: &str) -> Result<(), Error> {
         let body = serde_json::json!({ "meta": { key: value } });

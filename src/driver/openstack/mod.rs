@@ -342,6 +342,10 @@ struct ResolvedPort {
     security_group_ids: Vec<String>,
 }
 
+/// How often a start waits for a server still powering off (the core bounds the whole start
+/// with `create_timeout`).
+const POWER_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The OpenStack driver of one cloud account.
 #[derive(Debug)]
 pub struct OpenStack {
@@ -351,6 +355,8 @@ pub struct OpenStack {
     /// Flavor, image, network and server-group ids per group; written once by the first
     /// create or shape of the group, read by every later one. Failed lookups are not kept.
     resolved: HashMap<String, OnceCell<Resolved>>,
+    /// Groups with a warm pool: their SHUTOFF servers are listed as Stopped.
+    pool_groups: std::collections::BTreeSet<String>,
 }
 
 /// Why the driver could not be built.
@@ -409,7 +415,11 @@ pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<supe
         return None;
     }
     match OpenStack::new(setup.cluster, settings?, groups) {
-        Ok(d) => Some(std::sync::Arc::new(d)),
+        Ok(mut d) => {
+            d.pool_groups =
+                setup.groups.iter().filter(|g| g.config.warm_pool > 0).map(|g| g.config.name.clone()).collect();
+            Some(std::sync::Arc::new(d))
+        }
         Err(e) => {
             p.push(setup.section.path(), e.to_string());
             None
@@ -444,7 +454,13 @@ impl OpenStack {
         let session = auth::Session::new(http.clone(), settings.credentials);
         let api = Api::new(http, session, settings.interface, settings.region, settings.page_size);
         let resolved = groups.iter().map(|(g, _)| (g.clone(), OnceCell::new())).collect();
-        Ok(OpenStack { cluster: cluster.to_owned(), api, groups: groups.into_iter().collect(), resolved })
+        Ok(OpenStack {
+            cluster: cluster.to_owned(),
+            api,
+            groups: groups.into_iter().collect(),
+            resolved,
+            pool_groups: Default::default(),
+        })
     }
 
     fn group(&self, group: &str) -> Result<&GroupSettings> {
@@ -608,16 +624,34 @@ impl OpenStack {
         }
         let group = s.metadata.get(META_GROUP)?.clone();
         let deleting = s.task_state.as_deref() == Some("deleting") || s.metadata.contains_key(META_DELETING);
+        let pool = self.pool_groups.contains(&group);
         let state = match s.status.as_str() {
             _ if deleting => MachineState::Deleting,
             "DELETED" | "SOFT_DELETED" => MachineState::Deleting,
             "BUILD" => MachineState::Creating,
             "ERROR" => MachineState::Failed(failure_of(s.fault.as_ref())),
+            // Warm pool: a stopped server, one Flotilla is stopping (only pool machines are
+            // stopped), and one being started again (it boots).
+            "SHUTOFF" if pool && s.task_state.as_deref() == Some("powering-on") => MachineState::Creating,
+            "SHUTOFF" if pool => MachineState::Stopped,
+            "ACTIVE" if pool && s.task_state.as_deref() == Some("powering-off") => MachineState::Stopped,
             // ACTIVE, and states a running machine passes through (REBOOT, SHUTOFF, ...):
             // the node's readiness tells cluster-autoscaler the rest.
             _ => MachineState::Running,
         };
         Some(Machine { group, name: s.name, id: s.id, state })
+    }
+
+    /// The server of `machine`, refusing one that does not carry this cluster's and group's marks.
+    async fn owned_server(&self, machine: &MachineRef) -> Result<api::Server> {
+        let server = self.api.get_server(&machine.id).await?;
+        if !self.owns(&server.metadata, Some(&machine.group)) {
+            return Err(Error::InvalidRequest(format!(
+                "server {} is not marked as belonging to cluster {:?} group {:?}; refusing to touch it",
+                machine.id, self.cluster, machine.group
+            )));
+        }
+        Ok(server)
     }
 
     /// After a create whose answer was lost, removes any server Nova made of it anyway.
@@ -717,13 +751,7 @@ impl Driver for OpenStack {
     }
 
     async fn delete(&self, machine: &MachineRef) -> Result<()> {
-        let server = self.api.get_server(&machine.id).await?;
-        if !self.owns(&server.metadata, Some(&machine.group)) {
-            return Err(Error::InvalidRequest(format!(
-                "server {} is not marked as belonging to cluster {:?} group {:?}; refusing to delete it",
-                machine.id, self.cluster, machine.group
-            )));
-        }
+        let server = self.owned_server(machine).await?;
         if server.task_state.as_deref() == Some("deleting") {
             // An earlier delete is under way; asking again changes nothing.
             return Ok(());
@@ -748,6 +776,68 @@ impl Driver for OpenStack {
 
     async fn mark_deleting(&self, machine: &MachineRef) -> Result<()> {
         Ok(self.api.set_server_metadata_item(&machine.id, META_DELETING, "true").await?)
+    }
+
+    fn can_stop(&self) -> bool {
+        true
+    }
+
+    /// `os-stop`. A 409 from a server already stopped or stopping (a repeated stop) is done.
+    async fn stop(&self, machine: &MachineRef) -> Result<()> {
+        let server = self.owned_server(machine).await?;
+        if server.status == "SHUTOFF" || server.task_state.as_deref() == Some("powering-off") {
+            return Ok(());
+        }
+        match self.api.server_action(&machine.id, "os-stop").await {
+            Ok(()) => Ok(()),
+            Err(e) if e.status() == Some(409) => {
+                let now = self.api.get_server(&machine.id).await?;
+                if now.status == "SHUTOFF" || now.task_state.as_deref() == Some("powering-off") {
+                    Ok(())
+                } else {
+                    Err(e.into())
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `os-start`; the server boots and is listed Creating, then Running once ACTIVE. A server
+    /// still powering off (its stop was accepted moments ago) is waited for: Nova refuses to
+    /// start it until it is SHUTOFF.
+    async fn start(&self, machine: &MachineRef) -> Result<Machine> {
+        let mut server = self.owned_server(machine).await?;
+        while server.task_state.as_deref() == Some("powering-off") {
+            tokio::time::sleep(POWER_POLL).await;
+            server = self.owned_server(machine).await?;
+        }
+        let starting = Machine {
+            group: machine.group.clone(),
+            name: server.name.clone(),
+            id: server.id.clone(),
+            state: MachineState::Creating,
+        };
+        if server.status == "ACTIVE" || server.task_state.as_deref() == Some("powering-on") {
+            return Ok(starting);
+        }
+        if server.status != "SHUTOFF" {
+            return Err(Error::InvalidRequest(format!(
+                "server {} is {} and cannot be started",
+                machine.id, server.status
+            )));
+        }
+        match self.api.server_action(&machine.id, "os-start").await {
+            Ok(()) => Ok(starting),
+            Err(e) if e.status() == Some(409) => {
+                let now = self.api.get_server(&machine.id).await?;
+                if now.status == "ACTIVE" || now.task_state.as_deref() == Some("powering-on") {
+                    Ok(starting)
+                } else {
+                    Err(e.into())
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {

@@ -68,6 +68,9 @@ const TAG_CLUSTER: &str = "flotilla-c-";
 const TAG_GROUP: &str = "flotilla-g-";
 /// Set on a VM Flotilla is deleting, so the delete outlives a restart (see the module docs).
 const TAG_DELETING: &str = "flotilla-deleting";
+/// Set on a VM stopped into a warm pool (after the stop; removed before a start), so a VM
+/// stopped by a crash or by hand is never mistaken for a pool machine.
+const TAG_STOPPED: &str = "flotilla-stopped";
 /// Attempts at a VMID before giving up (each loses only to a concurrent create).
 const VMID_ATTEMPTS: usize = 5;
 /// Where a group's templates are configured (rendered by [`script`], with [`template_context`]).
@@ -485,6 +488,9 @@ pub struct Proxmox {
     name_prefixes: Vec<(String, String)>,
     reservations: Mutex<Reservations>,
     caches: Mutex<Caches>,
+    /// Groups with a warm pool: their VMs tagged `flotilla-stopped` and stopped are listed as
+    /// Stopped.
+    pool_groups: std::collections::HashSet<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -537,7 +543,11 @@ pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<supe
         prefixes.push((g.config.name.clone(), g.config.name_prefix.clone()));
     }
     match Proxmox::new(setup.cluster, cloud?, groups, prefixes) {
-        Ok(d) => Some(std::sync::Arc::new(d)),
+        Ok(mut d) => {
+            d.pool_groups =
+                setup.groups.iter().filter(|g| g.config.warm_pool > 0).map(|g| g.config.name.clone()).collect();
+            Some(std::sync::Arc::new(d))
+        }
         Err(e) => {
             p.push(setup.section.key_path("ca_file"), format!("cannot set up TLS: {e}"));
             None
@@ -569,6 +579,7 @@ impl Proxmox {
             name_prefixes,
             reservations: Mutex::new(Reservations::default()),
             caches: Mutex::new(Caches::default()),
+            pool_groups: Default::default(),
         })
     }
 
@@ -904,23 +915,40 @@ impl Proxmox {
         }
     }
 
+    /// Shuts a VM down (with `shutdown_timeout`, then hard) or stops it hard, and waits.
+    async fn power_off(&self, node: &str, vmid: u32) -> Result<()> {
+        let base = format!("/nodes/{node}/qemu/{vmid}");
+        let answer = match self.cloud.shutdown_timeout {
+            Some(t) => {
+                let form = [("forceStop", "1".to_owned()), ("timeout", t.as_secs().to_string())];
+                self.api.post(&format!("{base}/status/shutdown"), &form).await
+            }
+            None => self.api.post(&format!("{base}/status/stop"), &[]).await,
+        };
+        match answer {
+            Ok(upid) => self.api.wait_answer(&upid, self.cloud.task_timeout).await?,
+            // Not running (any more): nothing to stop.
+            Err(e) if e.message().contains("not running") => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Sets a VM's tags to its current ones plus `add`, minus `remove`.
+    async fn retag(&self, vm: &Vm, add: Option<&str>, remove: Option<&str>) -> Result<()> {
+        let mut tags: Vec<&str> = vm.tags.iter().map(String::as_str).filter(|t| Some(*t) != remove).collect();
+        if let Some(a) = add.filter(|a| !tags.contains(a)) {
+            tags.push(a);
+        }
+        self.api.put(&format!("/nodes/{}/qemu/{}/config", vm.node, vm.vmid), &[("tags", tags.join(";"))]).await?;
+        Ok(())
+    }
+
     /// Stops (or shuts down) and destroys a VM with purge.
     async fn destroy(&self, node: &str, vmid: u32, running: bool) -> Result<()> {
         let base = format!("/nodes/{node}/qemu/{vmid}");
         if running {
-            let answer = match self.cloud.shutdown_timeout {
-                Some(t) => {
-                    let form = [("forceStop", "1".to_owned()), ("timeout", t.as_secs().to_string())];
-                    self.api.post(&format!("{base}/status/shutdown"), &form).await
-                }
-                None => self.api.post(&format!("{base}/status/stop"), &[]).await,
-            };
-            match answer {
-                Ok(upid) => self.api.wait_answer(&upid, self.cloud.task_timeout).await?,
-                // Not running (any more): nothing to stop.
-                Err(e) if e.message().contains("not running") => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.power_off(node, vmid).await?;
         }
         let query = [("purge", "1".to_owned()), ("destroy-unreferenced-disks", "1".to_owned())];
         let upid = self.api.delete(&base, &query).await?;
@@ -1165,6 +1193,11 @@ impl Driver for Proxmox {
                     MachineState::Deleting
                 } else if vm.status == "running" && self.tagged_group(&vm).is_some() {
                     MachineState::Running
+                } else if vm.status == "stopped"
+                    && vm.tags.iter().any(|t| t == TAG_STOPPED)
+                    && self.pool_groups.contains(&group)
+                {
+                    MachineState::Stopped
                 } else {
                     MachineState::Failed(CreateFailure {
                         class: ErrorClass::Other,
@@ -1221,6 +1254,44 @@ impl Driver for Proxmox {
         }
         info!(vmid, name = %machine.name, "proxmox VM destroyed");
         Ok(())
+    }
+
+    fn can_stop(&self) -> bool {
+        true
+    }
+
+    /// Shuts the VM down as a delete would, then tags it `flotilla-stopped`: only a VM stopped
+    /// this way is a pool machine.
+    async fn stop(&self, machine: &MachineRef) -> Result<()> {
+        let vm = self.own_vm(machine, "stop").await?;
+        if vm.status != "stopped" {
+            self.power_off(&vm.node, vm.vmid).await?;
+        }
+        if !vm.tags.iter().any(|t| t == TAG_STOPPED) {
+            self.retag(&vm, Some(TAG_STOPPED), None).await?;
+        }
+        info!(vmid = vm.vmid, name = %machine.name, "proxmox VM stopped into the warm pool");
+        Ok(())
+    }
+
+    /// Removes the `flotilla-stopped` tag, then starts the VM and waits for the start task. The
+    /// guest boots and its kubelet rejoins on its own (it joined when it was created).
+    async fn start(&self, machine: &MachineRef) -> Result<Machine> {
+        let vm = self.own_vm(machine, "start").await?;
+        if vm.tags.iter().any(|t| t == TAG_STOPPED) {
+            self.retag(&vm, None, Some(TAG_STOPPED)).await?;
+        }
+        if vm.status != "running" {
+            let upid = self.api.post(&format!("/nodes/{}/qemu/{}/status/start", vm.node, vm.vmid), &[]).await?;
+            self.api.wait_answer(&upid, self.cloud.task_timeout).await?;
+        }
+        info!(vmid = vm.vmid, name = %machine.name, "proxmox VM started from the warm pool");
+        Ok(Machine {
+            group: machine.group.clone(),
+            name: vm.name,
+            id: vm.vmid.to_string(),
+            state: MachineState::Creating,
+        })
     }
 
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {

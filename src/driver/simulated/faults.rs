@@ -75,11 +75,20 @@ pub enum Op {
     Create,
     Delete,
     Mark,
+    /// Warm pools: stopping a machine into the pool, starting one out of it.
+    Stop,
+    Start,
 }
 
 impl Op {
-    const ALL: [(&str, Op); 4] =
-        [("list", Op::List), ("create", Op::Create), ("delete", Op::Delete), ("mark", Op::Mark)];
+    const ALL: [(&str, Op); 6] = [
+        ("list", Op::List),
+        ("create", Op::Create),
+        ("delete", Op::Delete),
+        ("mark", Op::Mark),
+        ("stop", Op::Stop),
+        ("start", Op::Start),
+    ];
 }
 
 /// Per-operation fault queues. Written by configuration and by tests; read by each call.

@@ -18,9 +18,15 @@
 //! ([`Driver::mark_deleting`]: listed as Deleting from then on, also in `state_file`), then
 //! removes it after `delete_latency`.
 //!
-//! With `[clouds.NAME.kubernetes] kubeconfig = "path"`, booted machines also register a
-//! kwok-managed Node through the Kubernetes API (see [`nodes`]); a group opts out with
+//! With `register_nodes = true`, booted machines also register a kwok-managed Node through
+//! the Kubernetes API that `[kubernetes]` names (see [`nodes`]); a group opts out with
 //! `[groups.G.machine] register_node = false` (machines that never become Nodes).
+//! `remove_nodes` (default true) makes the simulated cloud delete the Nodes of machines that
+//! are gone, as a cloud controller manager does; set it to false to see a cluster without one
+//! (and Flotilla's own `node_cleanup`).
+//!
+//! With `state_file`, the file is read again before every call, so several Flotilla processes
+//! on one file see one cloud (as the replicas of a leader-elected Deployment see one real cloud).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -36,7 +42,6 @@ use super::{Driver, Error, Machine, MachineRef, MachineState, Result};
 use crate::config::{Problems, Section};
 
 pub mod faults;
-pub mod kube;
 pub mod nodes;
 
 use faults::{Fault, FaultPlan, Op};
@@ -52,10 +57,19 @@ pub struct Settings {
     pub fail_every: u64,
     pub quota: Option<usize>,
     pub state_file: Option<PathBuf>,
-    /// `[kubernetes] kubeconfig`: register a Node for each booted machine.
-    pub kubeconfig: Option<PathBuf>,
+    /// Register a Node for each booted machine (through `[kubernetes]`).
+    pub register_nodes: bool,
+    /// Delete the Nodes of machines that are gone, as a cloud controller manager does.
+    pub remove_nodes: bool,
     /// `[faults]`: faults to inject, per operation, in call order.
     pub faults: Vec<(Op, Fault)>,
+    /// Warm pools: how long a stop and a start call take (a started machine then boots for
+    /// `boot_time`).
+    pub stop_latency: Duration,
+    pub start_latency: Duration,
+    /// Groups with a warm pool: their stopped machines are listed as Stopped (elsewhere as
+    /// failed). Filled from the groups' `warm_pool`.
+    pub pool_groups: BTreeSet<String>,
 }
 
 impl Settings {
@@ -70,11 +84,11 @@ impl Settings {
             fail_every: s.integer("fail_every", p).unwrap_or(0),
             quota: s.integer("quota", p),
             state_file: s.string("state_file", p).map(|f| p.resolve(&f)),
-            kubeconfig: s.section("kubernetes", p).and_then(|mut k| {
-                let path = k.required_string("kubeconfig", p).map(|f| p.resolve(&f));
-                k.finish(p);
-                path
-            }),
+            register_nodes: s.boolean("register_nodes", p).unwrap_or(false),
+            stop_latency: s.duration("stop_latency", p).unwrap_or_default(),
+            start_latency: s.duration("start_latency", p).unwrap_or_default(),
+            pool_groups: BTreeSet::new(),
+            remove_nodes: s.boolean("remove_nodes", p).unwrap_or(true),
             faults: s
                 .section("faults", p)
                 .map(|mut f| {
@@ -84,6 +98,14 @@ impl Settings {
                 })
                 .unwrap_or_default(),
         };
+        if s.contains("kubernetes") {
+            s.ignore("kubernetes");
+            p.push(
+                s.key_path("kubernetes"),
+                "the Kubernetes API is now set once for everything in the top-level [kubernetes] table \
+                 (kubeconfig = \"...\"); write register_nodes = true here",
+            );
+        }
         if !(0.0..=1.0).contains(&settings.fail_rate) {
             p.push(s.key_path("fail_rate"), "must be between 0 and 1");
         }
@@ -109,6 +131,9 @@ struct Record {
     /// Left behind by a create that failed late and could not clean up: listed as failed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     failed: bool,
+    /// Stopped (warm pool): listed as Stopped in groups with a warm pool.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    stopped: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -143,7 +168,9 @@ pub struct Simulated {
 /// The simulated driver's [`Constructor`](super::Constructor): `[clouds.NAME]` keys, and
 /// `register_node` of each group's `machine` table.
 pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<super::SharedDriver> {
-    let settings = Settings::parse(&mut setup.section, p);
+    let mut settings = Settings::parse(&mut setup.section, p);
+    settings.pool_groups =
+        setup.groups.iter().filter(|g| g.config.warm_pool > 0).map(|g| g.config.name.clone()).collect();
     let mut registering = BTreeMap::new();
     for g in &mut setup.groups {
         if g.machine.boolean("register_node", p).unwrap_or(true) {
@@ -155,7 +182,9 @@ pub fn build(setup: &mut super::CloudSetup<'_>, p: &mut Problems) -> Option<supe
             registering.insert(g.config.name.clone(), shape);
         }
     }
-    let registrar = settings.kubeconfig.clone().map(|path| nodes::Registrar::new(path, setup.cluster, registering));
+    let registrar = settings
+        .register_nodes
+        .then(|| nodes::Registrar::new(setup.kube.clone(), setup.cluster, registering, settings.remove_nodes));
     match Simulated::new(setup.cluster, settings) {
         Ok(d) => Some(Arc::new(match registrar {
             Some(r) => d.with_registrar(r),
@@ -236,7 +265,7 @@ impl Simulated {
 
     /// Adds a machine as if someone else created it (e.g. another cluster, or by hand).
     pub fn insert_foreign(&self, cluster: &str, group: &str, name: &str) {
-        let mut store = lock(&self.store);
+        let mut store = self.current();
         store.machines.insert(
             name.to_owned(),
             Record {
@@ -247,15 +276,23 @@ impl Simulated {
                 ready_after_ms: Some(0),
                 deleting: false,
                 failed: false,
+                stopped: false,
             },
         );
+        self.persist(&store);
+    }
+
+    /// Removes a machine behind Flotilla's back (deleted by hand, or lost by the cloud).
+    pub fn vanish(&self, name: &str) {
+        let mut store = self.current();
+        store.machines.remove(name);
         self.persist(&store);
     }
 
     /// Every machine of this cluster as a listing would return it now, without faults or
     /// latency: what the cloud really holds, for tests to compare with what Flotilla reports.
     pub fn machines(&self) -> Vec<Machine> {
-        lock(&self.store).machines.values().filter(|r| r.cluster == self.cluster).map(|r| self.machine(r)).collect()
+        self.current().machines.values().filter(|r| r.cluster == self.cluster).map(|r| self.machine(r)).collect()
     }
 
     /// The most creates that were ever running at once.
@@ -265,13 +302,31 @@ impl Simulated {
 
     /// Names of every machine in the simulated cloud, any cluster.
     pub fn machine_names(&self) -> Vec<String> {
-        lock(&self.store).machines.keys().cloned().collect()
+        self.current().machines.keys().cloned().collect()
+    }
+
+    /// The store, read again from `state_file` if there is one (another process may have
+    /// changed it).
+    fn current(&self) -> std::sync::MutexGuard<'_, Store> {
+        let mut store = lock(&self.store);
+        if let Some(path) = &self.settings.state_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match serde_json::from_str(&text) {
+                    Ok(fresh) => *store = fresh,
+                    Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot parse simulated state file"),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot read simulated state file"),
+            }
+        }
+        store
     }
 
     fn persist(&self, store: &Store) {
         let Some(path) = &self.settings.state_file else { return };
         let text = serde_json::to_string_pretty(store).expect("plain data serializes");
-        let tmp = path.with_extension("tmp");
+        // Per process, so two processes writing at once never share a half-written file.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         // Written then renamed, so a crash never leaves half a file.
         if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
             tracing::error!(path = %path.display(), error = %e, "cannot write simulated state file");
@@ -294,6 +349,14 @@ impl Simulated {
             })
         } else if r.deleting {
             MachineState::Deleting
+        } else if r.stopped && self.settings.pool_groups.contains(&r.group) {
+            MachineState::Stopped
+        } else if r.stopped {
+            MachineState::Failed(super::CreateFailure {
+                class: super::ErrorClass::Other,
+                code: "STOPPED".into(),
+                message: "simulated machine is stopped".into(),
+            })
         } else if booted(r, self.settings.boot_time) {
             MachineState::Running
         } else {
@@ -359,7 +422,13 @@ impl Driver for Simulated {
                 store
                     .machines
                     .values()
-                    .filter(|r| r.cluster == cluster && reg.registers(&r.group) && !r.failed && booted(r, boot_time))
+                    .filter(|r| {
+                        r.cluster == cluster
+                            && reg.registers(&r.group)
+                            && !r.failed
+                            && !r.stopped
+                            && booted(r, boot_time)
+                    })
                     .map(|r| nodes::Wanted { group: r.group.clone(), name: r.name.clone() })
                     .collect::<BTreeSet<_>>()
             });
@@ -379,7 +448,7 @@ impl Driver for Simulated {
             return Err(e);
         }
         {
-            let mut store = lock(&self.store);
+            let mut store = self.current();
             if let Some(quota) = self.settings.quota.filter(|q| store.machines.len() >= *q) {
                 return Err(Error::OutOfResources(format!(
                     "quota exceeded: {} of {quota} machines in use",
@@ -400,6 +469,7 @@ impl Driver for Simulated {
                 ),
                 deleting: false,
                 failed: false,
+                stopped: false,
             };
             store.machines.insert(name.to_owned(), record);
             self.persist(&store);
@@ -411,7 +481,7 @@ impl Driver for Simulated {
         }
         tokio::time::sleep(self.settings.create_latency).await;
         lock(&self.concurrency).0 -= 1;
-        let mut store = lock(&self.store);
+        let mut store = self.current();
         match fault {
             Fault::LostResponse => return Err(Error::Unavailable("simulated: the create's answer was lost".into())),
             Fault::HangAfter => {
@@ -449,7 +519,7 @@ impl Driver for Simulated {
         }
         self.check_outage()?;
         {
-            let mut store = lock(&self.store);
+            let mut store = self.current();
             match store.machines.get_mut(&machine.id) {
                 Some(r) if r.cluster == self.cluster && r.group == machine.group => r.deleting = true,
                 Some(_) => {
@@ -482,7 +552,7 @@ impl Driver for Simulated {
         tokio::time::sleep(self.settings.delete_latency).await;
         self.check_outage()?;
         let removed = {
-            let mut store = lock(&self.store);
+            let mut store = self.current();
             match store.machines.get(&machine.id) {
                 Some(r) if r.cluster == self.cluster && r.group == machine.group => {
                     store.machines.remove(&machine.id);
@@ -511,6 +581,81 @@ impl Driver for Simulated {
         }
     }
 
+    fn can_stop(&self) -> bool {
+        true
+    }
+
+    async fn stop(&self, machine: &MachineRef) -> Result<()> {
+        let fault = self.plan.next(Op::Stop);
+        match fault {
+            Fault::Unavailable => return Err(Error::Unavailable("simulated 503 on stop".into())),
+            Fault::Hang => return faults::hang().await,
+            _ => {}
+        }
+        tokio::time::sleep(self.settings.stop_latency).await;
+        self.check_outage()?;
+        {
+            let mut store = self.current();
+            match store.machines.get_mut(&machine.id) {
+                Some(r) if r.cluster == self.cluster && r.group == machine.group => r.stopped = true,
+                Some(_) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "machine {} is not owned by this cluster and group",
+                        machine.id
+                    )));
+                }
+                None => return Err(Error::NotFound(format!("machine {}", machine.id))),
+            }
+            self.persist(&store);
+        }
+        match fault {
+            Fault::LostResponse => Err(Error::Unavailable("simulated: the stop's answer was lost".into())),
+            Fault::HangAfter => faults::hang().await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn start(&self, machine: &MachineRef) -> Result<Machine> {
+        let fault = self.plan.next(Op::Start);
+        match fault {
+            Fault::Unavailable => return Err(Error::Unavailable("simulated 503 on start".into())),
+            Fault::Hang => return faults::hang().await,
+            _ => {}
+        }
+        tokio::time::sleep(self.settings.start_latency).await;
+        self.check_outage()?;
+        let started = {
+            let mut store = self.current();
+            let record = match store.machines.get_mut(&machine.id) {
+                Some(r) if r.cluster == self.cluster && r.group == machine.group => r,
+                Some(_) => {
+                    return Err(Error::InvalidRequest(format!(
+                        "machine {} is not owned by this cluster and group",
+                        machine.id
+                    )));
+                }
+                None => return Err(Error::NotFound(format!("machine {}", machine.id))),
+            };
+            if record.failed {
+                return Err(Error::Other(format!("machine {} is broken and cannot start", machine.id)));
+            }
+            if record.stopped {
+                // It boots again, as a new machine would, but without being created.
+                record.stopped = false;
+                record.created_at_ms = now_ms();
+                record.ready_after_ms = Some(millis(self.settings.boot_time));
+            }
+            let started = self.machine(record);
+            self.persist(&store);
+            started
+        };
+        match fault {
+            Fault::LostResponse => Err(Error::Unavailable("simulated: the start's answer was lost".into())),
+            Fault::HangAfter => faults::hang().await,
+            _ => Ok(started),
+        }
+    }
+
     async fn check(&self) -> Result<()> {
         self.check_outage()
     }
@@ -519,6 +664,20 @@ impl Driver for Simulated {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn two_processes_on_one_state_file_see_one_cloud() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings { state_file: Some(dir.path().join("state.json")), ..Default::default() };
+        let a = Simulated::new("c", settings.clone()).unwrap();
+        let b = Simulated::new("c", settings).unwrap();
+        a.create("g", "m1").await.unwrap();
+        assert_eq!(b.list().await.unwrap().len(), 1, "b sees what a created");
+        b.delete(&MachineRef { group: "g".into(), name: "m1".into(), id: "m1".into() }).await.unwrap();
+        b.create("g", "m2").await.unwrap();
+        let names: Vec<_> = a.list().await.unwrap().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["m2"], "a sees what b deleted and created");
+    }
 
     fn machine(name: &str) -> MachineRef {
         MachineRef { group: "g".into(), name: name.into(), id: name.into() }

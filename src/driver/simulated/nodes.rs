@@ -7,13 +7,17 @@
 //! Registration is list-driven and idempotent. Every listing of the simulated cloud queues a
 //! sync that makes the Nodes carrying this cluster's ownership labels match the machines that
 //! have booted (Running) in groups that register nodes: missing Nodes are created (an
-//! `AlreadyExists` answer is fine), Nodes without a machine are deleted (`NotFound` is fine).
+//! `AlreadyExists` answer is fine), and, with `remove_nodes` (the default, what a cloud
+//! controller manager does), Nodes without a machine are deleted (`NotFound` is fine).
 //! A restart therefore re-ensures every Node, and a failed call is simply retried on the next
-//! listing. Deleting a machine also deletes its Node at once.
+//! listing. With `remove_nodes`, deleting a machine also deletes its Node at once; without it,
+//! the Nodes of deleted machines stay, as they do on a cluster without a cloud controller
+//! manager, and only Flotilla's Node cleanup (`node_cleanup`) removes them.
+//!
+//! The Kubernetes client is the core's (`[kubernetes]`): one set-up for everything.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -22,8 +26,7 @@ use std::{
 
 use serde_json::{Map, Value, json};
 
-use super::kube;
-use crate::{provider_id::ProviderIdFormat, template::Template};
+use crate::{kube, provider_id::ProviderIdFormat, template::Template};
 
 /// The label holding the cluster a registered Node belongs to.
 pub const CLUSTER_LABEL: &str = "flotilla.dev/cluster";
@@ -90,11 +93,12 @@ pub fn node_object(cluster: &str, group: &str, name: &str, nodes: &GroupNodes) -
 /// Registers and removes Nodes for one simulated cloud.
 #[derive(Debug)]
 pub struct Registrar {
-    kubeconfig: PathBuf,
-    /// Built from `kubeconfig` on first use (and again after a failure), so Flotilla can start
-    /// before the cluster exists and `check-config` needs no live kubeconfig.
-    api: std::sync::Mutex<Option<kube::Client>>,
+    /// Connects at its first call, so Flotilla can start before the cluster exists and
+    /// `check-config` needs no live kubeconfig.
+    api: kube::Client,
     cluster: String,
+    /// Delete Nodes whose machine is gone (what a cloud controller manager does).
+    remove_nodes: bool,
     /// Groups that register Nodes, by name (groups with `register_node = false` are absent).
     groups: BTreeMap<String, GroupNodes>,
     /// Held by a sync and by a Node deletion, so a sync never re-creates a Node that a
@@ -106,25 +110,20 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    pub fn new(kubeconfig: PathBuf, cluster: &str, groups: BTreeMap<String, GroupNodes>) -> Registrar {
+    pub fn new(
+        api: kube::Client,
+        cluster: &str,
+        groups: BTreeMap<String, GroupNodes>,
+        remove_nodes: bool,
+    ) -> Registrar {
         Registrar {
-            kubeconfig,
-            api: std::sync::Mutex::new(None),
+            api,
             cluster: cluster.to_owned(),
+            remove_nodes,
             groups,
             busy: tokio::sync::Mutex::new(()),
             queued: AtomicBool::new(false),
         }
-    }
-
-    fn api(&self) -> kube::Result<kube::Client> {
-        let mut api = self.api.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(client) = api.as_ref() {
-            return Ok(client.clone());
-        }
-        let client = kube::Client::from_kubeconfig(&self.kubeconfig)?;
-        *api = Some(client.clone());
-        Ok(client)
     }
 
     /// True when machines of `group` become Nodes.
@@ -155,8 +154,8 @@ impl Registrar {
     /// Makes this cluster's Nodes match `wanted`. Called with `busy` held.
     async fn sync(&self, wanted: &BTreeSet<Wanted>) -> kube::Result<()> {
         let selector = format!("{CLUSTER_LABEL}={}", self.cluster);
-        let api = self.api()?;
-        let existing = api.list_nodes(&selector).await?;
+        let api = &self.api;
+        let existing = api.list_nodes(Some(&selector)).await?;
         let present: BTreeSet<Wanted> = existing
             .iter()
             .filter_map(|n| {
@@ -177,10 +176,13 @@ impl Registrar {
                 }
             }
         }
-        for gone in present.difference(wanted) {
-            match api.delete_node(&gone.name).await {
-                Ok(true) => tracing::info!(group = %gone.group, node = %gone.name, "removed node of a deleted machine"),
-                Ok(false) => {}
+        let stale = if self.remove_nodes { present.difference(wanted).collect() } else { Vec::new() };
+        for gone in stale {
+            match api.delete_node(&gone.name, None).await {
+                Ok(kube::DeleteOutcome::Deleted) => {
+                    tracing::info!(group = %gone.group, node = %gone.name, "removed node of a deleted machine")
+                }
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(group = %gone.group, node = %gone.name, error = %e, "cannot remove node");
                     first_error.get_or_insert(e);
@@ -190,13 +192,13 @@ impl Registrar {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Removes the Node of a deleted machine; a Node already gone is fine.
+    /// Removes the Node of a deleted machine (with `remove_nodes`); a Node already gone is fine.
     pub async fn remove(&self, group: &str, name: &str) -> kube::Result<()> {
-        if !self.registers(group) {
+        if !self.registers(group) || !self.remove_nodes {
             return Ok(());
         }
         let _guard = self.busy.lock().await;
-        if self.api()?.delete_node(name).await? {
+        if self.api.delete_node(name, None).await? == kube::DeleteOutcome::Deleted {
             tracing::info!(%group, node = %name, "removed node");
         }
         Ok(())
@@ -205,7 +207,7 @@ impl Registrar {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     use super::*;
     use crate::config::Config;
@@ -279,7 +281,11 @@ mod tests {
     #[tokio::test]
     async fn a_missing_kubeconfig_fails_the_sync_not_the_start() {
         let groups = BTreeMap::from([("small".to_owned(), group_nodes(CONFIG))]);
-        let registrar = Registrar::new(PathBuf::from("/nonexistent/kubeconfig"), "e2e", groups);
+        let api = kube::Client::new(kube::Settings {
+            kubeconfig: Some(PathBuf::from("/nonexistent/kubeconfig")),
+            timeout: None,
+        });
+        let registrar = Registrar::new(api, "e2e", groups, true);
         let err = registrar.sync(&BTreeSet::new()).await.unwrap_err().to_string();
         assert!(err.contains("cannot read /nonexistent/kubeconfig"), "{err}");
         assert!(registrar.remove("small", "m1").await.is_err());
@@ -288,15 +294,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_kubernetes_and_machine_keys_are_reported() {
-        let text = format!(
-            "{CONFIG}\n[clouds.sim.kubernetes]\nkubeconfig = \"/nonexistent\"\nnamespace = \"x\"\n\
-             [groups.small.machine]\nregister_nodes = true\n"
-        );
+    fn unknown_registration_and_machine_keys_are_reported() {
+        let text = CONFIG.replace("driver = \"simulated\"", "driver = \"simulated\"\nregister_node = true\n")
+            + "\n[groups.small.machine]\nregister_nodes = true\n";
         let config = Config::parse(&text, "test.toml", Path::new(".")).unwrap();
         let problems = crate::build_drivers(&config).unwrap_err();
         let paths: Vec<_> = problems.items.iter().map(|i| i.path.as_str()).collect();
-        for expected in ["clouds.sim.kubernetes.namespace", "groups.small.machine.register_nodes"] {
+        for expected in ["clouds.sim.register_node", "groups.small.machine.register_nodes"] {
             assert!(paths.contains(&expected), "missing {expected} in {problems}");
         }
     }

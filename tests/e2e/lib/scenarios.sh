@@ -11,6 +11,8 @@
 REASON=
 FLOTILLA_PID=
 CA_PID=
+# Other processes a scenario started (a second replica, a proxy), stopped by scenario_cleanup.
+EXTRA_PIDS=()
 
 fail() {
 	REASON=$*
@@ -38,6 +40,9 @@ level = "info,flotilla=debug"
 refresh_timeout = "3s"
 max_staleness = "60s"
 reconcile_interval = "5s"
+
+[kubernetes]
+kubeconfig = "${FLOTILLA_KUBECONFIG:-$RUN_DIR/pki/admin.kubeconfig}"
 EOF
 	if [[ $tls == tls ]]; then
 		cat >>"$SDIR/flotilla.toml" <<EOF
@@ -60,14 +65,13 @@ boot_time = "2s"
 create_latency = "300ms"
 delete_latency = "100ms"
 state_file = "$SDIR/$1-state.json"
+register_nodes = true
 ${2:-}
-
-[clouds.$1.kubernetes]
-kubeconfig = "$RUN_DIR/pki/admin.kubeconfig"
 EOF
 }
 
-# group NAME CLOUD POOL MAX [EXTRA_TOML_LINES] -> a node group of 2-CPU, 4 GiB machines.
+# group NAME CLOUD POOL MAX [EXTRA_TOML_LINES [GROUP_KEYS]] -> a node group of 2-CPU, 4 GiB
+# machines; EXTRA_TOML_LINES go after its template table, GROUP_KEYS into the group's own table.
 group() {
 	cat >>"$SDIR/flotilla.toml" <<EOF
 
@@ -75,6 +79,7 @@ group() {
 cloud = "$2"
 min_size = 0
 max_size = $4
+${6:-}
 
 [groups.$1.template]
 cpu = "2"
@@ -179,11 +184,80 @@ scenario_cleanup() {
 	kc -n default delete deployment --all --wait=false >/dev/null 2>&1
 	[[ -n $CA_PID ]] && stop "$CA_PID"
 	[[ -n $FLOTILLA_PID ]] && stop "$FLOTILLA_PID"
-	CA_PID='' FLOTILLA_PID=''
+	local pid
+	for pid in "${EXTRA_PIDS[@]}"; do stop "$pid"; done
+	CA_PID='' FLOTILLA_PID='' EXTRA_PIDS=()
 	kc -n default delete pods --all --grace-period=0 --force >/dev/null 2>&1
 	kc delete nodes -l "flotilla.dev/cluster=$cluster" --wait=false >/dev/null 2>&1
+	kc delete nodes -l "e2e.flotilla.dev/scenario=$cluster" --wait=false >/dev/null 2>&1
 	kc -n kube-system delete configmap cluster-autoscaler-priority-expander >/dev/null 2>&1
+	FLOTILLA_KUBECONFIG=
 	return 0
+}
+
+# restricted_kubeconfig -> sets FLOTILLA_KUBECONFIG to a kubeconfig for the ServiceAccount
+# kube-system/flotilla, which may do exactly what the README's RBAC section grants (plus
+# creating Nodes, which only the simulated cloud's kwok registration needs). Made once per run.
+restricted_kubeconfig() {
+	local path=$RUN_DIR/pki/flotilla-sa.kubeconfig token
+	if [[ ! -f $path ]]; then
+		cat <<EOF | kc apply -f - >/dev/null || return 1
+apiVersion: v1
+kind: ServiceAccount
+metadata: { name: flotilla, namespace: kube-system }
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: { name: flotilla-nodes }
+rules:
+# Node cleanup: find the Node of a deleted machine by name or providerID, delete it.
+- { apiGroups: [""], resources: [nodes], verbs: [get, list, delete] }
+# The simulated cloud's kwok registration only.
+- { apiGroups: [""], resources: [nodes], verbs: [create] }
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: { name: flotilla-nodes }
+roleRef: { apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: flotilla-nodes }
+subjects: [{ kind: ServiceAccount, name: flotilla, namespace: kube-system }]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: { name: flotilla, namespace: kube-system }
+rules:
+# Leader election.
+- { apiGroups: [coordination.k8s.io], resources: [leases], verbs: [get, create, update] }
+# The priority expander's ConfigMap: server-side apply is a patch, authorised also as a create
+# when the ConfigMap does not exist yet (and create cannot be limited to a name).
+- { apiGroups: [""], resources: [configmaps], verbs: [create] }
+- { apiGroups: [""], resources: [configmaps], resourceNames: [cluster-autoscaler-priority-expander], verbs: [patch] }
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: { name: flotilla, namespace: kube-system }
+roleRef: { apiGroup: rbac.authorization.k8s.io, kind: Role, name: flotilla }
+subjects: [{ kind: ServiceAccount, name: flotilla, namespace: kube-system }]
+EOF
+		token=$(kc -n kube-system create token flotilla --duration=4h) || return 1
+		cat >"$path" <<EOF
+apiVersion: v1
+kind: Config
+current-context: flotilla
+clusters:
+- name: e2e
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority: $RUN_DIR/pki/ca.crt
+users:
+- name: flotilla
+  user:
+    token: $token
+contexts:
+- name: flotilla
+  context: { cluster: e2e, user: flotilla, namespace: kube-system }
+EOF
+	fi
+	FLOTILLA_KUBECONFIG=$path
 }
 
 # 1. Scale up from zero: a pending pod -> TemplateNodeInfo, IncreaseSize -> Node -> Running.
@@ -231,23 +305,18 @@ scale_down() {
 # 3. Group a's cloud is at quota: CA tries a (priority expander), backs off, scales b.
 failed_scale_up_falls_back() {
 	local version=$1 cluster=$2
+	restricted_kubeconfig || fail "cannot make the restricted ServiceAccount kubeconfig" || return 1
 	flotilla_config "$cluster"
+	# Flotilla writes cluster-autoscaler's priority expander ConfigMap from the priorities.
+	printf '\n[priority_expander]\nnamespace = "kube-system"\n' >>"$SDIR/flotilla.toml"
 	sim_cloud full "quota = 0"
 	sim_cloud sim
-	group a full "$cluster" 3
-	group b sim "$cluster" 3
-	cat <<EOF | kc apply -f - >/dev/null
-apiVersion: v1
-kind: ConfigMap
-metadata: { name: cluster-autoscaler-priority-expander, namespace: kube-system }
-data:
-  priorities: |-
-    50:
-      - ^a$
-    10:
-      - ^b$
-EOF
+	group a full "$cluster" 3 "" "priority = 50"
+	group b sim "$cluster" 3 "" "priority = 10"
 	start_flotilla || return 1
+	has_priorities() { kc -n kube-system get configmap cluster-autoscaler-priority-expander -o jsonpath='{.data.priorities}' | grep -q '\^a\$'; }
+	wait_for 30 "Flotilla to write the priority expander ConfigMap" has_priorities ||
+		fail "no priority expander ConfigMap from Flotilla" || return 1
 	start_ca "$version" plain --expander=priority || return 1
 	local t0=$SECONDS
 	workload fallback "$cluster" 1 500m
@@ -367,6 +436,161 @@ restart_during_scale_up() {
 	[[ $n -eq 5 ]] || fail "the cloud has $n machines, expected 5: $(machines sim | xargs)" || return 1
 	[[ $nodes -eq 5 ]] || fail "$nodes Nodes, expected 5" || return 1
 	[[ $(ctl target-size r) == 5 ]] || fail "target size $(ctl target-size r), expected 5" || return 1
+}
+
+# 7. Node cleanup: the simulated cloud plays a cluster without a cloud controller manager
+# (remove_nodes = false), so only Flotilla's node_cleanup removes the Node of a machine CA
+# deleted; a Node of the same providerID scheme that is not Flotilla's stays.
+node_cleanup() {
+	local version=$1 cluster=$2
+	restricted_kubeconfig || fail "cannot make the restricted ServiceAccount kubeconfig" || return 1
+	flotilla_config "$cluster"
+	sim_cloud sim "remove_nodes = false
+node_cleanup = true"
+	group clean sim "$cluster" 2 "
+[groups.clean.options]
+scale_down_unneeded_time = \"20s\""
+	# Someone else's Node: kwok keeps it Ready, the taint keeps the workload off it.
+	cat <<YAML | kc apply -f - >/dev/null || fail "cannot create the stranger Node" || return 1
+apiVersion: v1
+kind: Node
+metadata:
+  name: stranger-$cluster
+  labels: { e2e.flotilla.dev/scenario: $cluster }
+  annotations: { kwok.x-k8s.io/node: fake }
+spec:
+  providerID: simulated://someone-else/stranger-$cluster
+  taints: [{ key: e2e.flotilla.dev/stranger, effect: NoSchedule }]
+YAML
+	start_flotilla || return 1
+	start_ca "$version" plain || return 1
+	workload clean "$cluster" 1 500m
+	wait_for 120 "the pod to run" all_running clean 1 || fail "pod not Running after 120s" || return 1
+	local node t0
+	node=$(kc -n default get pods -l app=clean -o jsonpath='{.items[0].spec.nodeName}')
+	t0=$SECONDS
+	kc -n default delete deployment clean >/dev/null || fail "cannot delete the workload" || return 1
+	no_machine() { [[ -z $(machines sim) ]]; }
+	wait_for 150 "CA to delete the machine" no_machine || fail "machine still there: $(machines sim | xargs)" || return 1
+	node_gone() { ! kc get node "$node" >/dev/null 2>&1; }
+	wait_for 60 "Flotilla to delete the Node $node" node_gone || fail "Node $node still there after its machine went" || return 1
+	ELAPSED=$((SECONDS - t0))
+	kc get node "stranger-$cluster" >/dev/null 2>&1 || fail "the stranger's Node was deleted" || return 1
+	grep -q "deleted the node of a deleted machine" "$RUN_DIR/logs/$SNAME-flotilla.log" ||
+		fail "no node cleanup in Flotilla's log" || return 1
+	! grep -q "removed node" "$RUN_DIR/logs/$SNAME-flotilla.log" ||
+		fail "the simulated cloud removed the Node itself (remove_nodes = false ignored)" || return 1
+}
+
+# 8. Burst priorities: Flotilla writes the priority expander's ConfigMap from the groups'
+# priorities; CA fills the on-prem group (priority 50) to its max first, then bursts to the
+# public cloud group (priority 10).
+burst_priorities() {
+	local version=$1 cluster=$2
+	restricted_kubeconfig || fail "cannot make the restricted ServiceAccount kubeconfig" || return 1
+	flotilla_config "$cluster"
+	printf '\n[priority_expander]\nnamespace = "kube-system"\n' >>"$SDIR/flotilla.toml"
+	sim_cloud onprem
+	sim_cloud public
+	group onprem onprem "$cluster" 2 "" "priority = 50"
+	group public public "$cluster" 5 "" "priority = 10"
+	start_flotilla || return 1
+	local expected=$'50:\n  - ^onprem$\n10:\n  - ^public$'
+	has_priorities() {
+		[[ $(kc -n kube-system get configmap cluster-autoscaler-priority-expander -o jsonpath='{.data.priorities}') == "$expected" ]]
+	}
+	wait_for 30 "Flotilla to write the priority expander ConfigMap" has_priorities ||
+		fail "the priority expander ConfigMap is not Flotilla's: $(kc -n kube-system get configmap cluster-autoscaler-priority-expander -o yaml 2>&1)" || return 1
+	start_ca "$version" plain --expander=priority || return 1
+	local t0=$SECONDS
+	# One 1.5-CPU pod per 2-CPU machine: four machines, and on-prem holds two.
+	workload burst "$cluster" 4 1500m
+	wait_for 180 "all 4 pods to run" all_running burst 4 || fail "$(running_pods burst) of 4 pods Running after 180s" || return 1
+	ELAPSED=$((SECONDS - t0))
+	local groups
+	groups=$(kc -n default get pods -l app=burst -o jsonpath='{range .items[*]}{.spec.nodeName}{"\n"}{end}' |
+		while read -r n; do kc get node "$n" -o jsonpath='{.metadata.labels.flotilla\.dev/group}{"\n"}'; done | sort | uniq -c | xargs)
+	[[ $groups == "2 onprem 2 public" ]] || fail "pods per group: $groups, expected 2 onprem 2 public" || return 1
+	local first
+	first=$(grep -m1 'scaling up' "$RUN_DIR/logs/$SNAME-flotilla.log")
+	[[ $first == *group=onprem* ]] || fail "the first scale-up was not on-prem: $first" || return 1
+}
+
+# 9. Two replicas with leader election behind one address that routes to the ready one (as a
+# Service does); the leader is SIGKILLed in the middle of a scale-up of 5; the other takes
+# over, rebuilds its state from the cloud, and CA's scale-up completes with exactly 5
+# machines, 5 Nodes and target size 5.
+leader_failover() {
+	local version=$1 cluster=$2
+	restricted_kubeconfig || fail "cannot make the restricted ServiceAccount kubeconfig" || return 1
+	flotilla_config "$cluster"
+	cat >>"$SDIR/flotilla.toml" <<TOML
+
+[leader_election]
+enabled = true
+namespace = "kube-system"
+lease_duration = "6s"
+renew_deadline = "4s"
+retry_period = "1s"
+TOML
+	sim_cloud sim "create_concurrency = 1"
+	sed -i 's/^create_latency = "300ms"/create_latency = "2s"/' "$SDIR/flotilla.toml"
+	group r sim "$cluster" 8
+	local a_grpc=$GRPC_PORT a_http=$HTTP_PORT b_grpc b_http proxy
+	b_grpc=$(free_port)
+	b_http=$(free_port)
+	sed -e "s/127.0.0.1:$a_grpc\"/127.0.0.1:$b_grpc\"/" -e "s/127.0.0.1:$a_http\"/127.0.0.1:$b_http\"/" \
+		"$SDIR/flotilla.toml" >"$SDIR/flotilla-b.toml"
+	"$FLOTILLA" check-config --config "$SDIR/flotilla.toml" >>"$SDIR/flotilla.log" 2>&1 ||
+		fail "flotilla check-config rejected $SDIR/flotilla.toml" || return 1
+	spawn "$SNAME-flotilla-a" "$FLOTILLA" serve --config "$SDIR/flotilla.toml"
+	local pid_a=$SPAWNED_PID pid_b
+	spawn "$SNAME-flotilla-b" "$FLOTILLA" serve --config "$SDIR/flotilla-b.toml"
+	pid_b=$SPAWNED_PID
+	FLOTILLA_PID=$pid_a
+	EXTRA_PIDS=("$pid_b")
+	proxy=$(free_port)
+	spawn "$SNAME-proxy" python3 "$E2E_DIR/lib/ready-proxy.py" "$proxy" "$a_grpc:$a_http" "$b_grpc:$b_http"
+	EXTRA_PIDS+=("$SPAWNED_PID")
+	# CA and `ctl` reach whichever replica is ready.
+	GRPC_PORT=$proxy
+	ready_at() { curl -sf "http://127.0.0.1:$1/readyz" >/dev/null; }
+	one_leads() { ready_at "$a_http" || ready_at "$b_http"; }
+	wait_for 30 "one replica to lead" one_leads || fail "no replica became ready" || return 1
+	if ready_at "$b_http" && ready_at "$a_http"; then fail "both replicas are ready"; return 1; fi
+	start_ca "$version" plain || return 1
+	local t0=$SECONDS
+	workload burst "$cluster" 5 1500m
+	some_machines() { [[ $(machines sim | wc -l) -ge 1 ]]; }
+	wait_for 90 "the first machine" some_machines || fail "CA never scaled up" || return 1
+	local before leader survivor survivor_http
+	before=$(machines sim | wc -l)
+	if ready_at "$a_http"; then
+		leader=$pid_a survivor=b survivor_http=$b_http
+	else
+		leader=$pid_b survivor=a survivor_http=$a_http
+	fi
+	local killed_at=$SECONDS
+	stop "$leader" KILL
+	log "killed the leader with $before of 5 machines created"
+	((before < 5)) || fail "all 5 machines existed before the kill; the test proves nothing" || return 1
+	wait_for 60 "the other replica to lead" ready_at "$survivor_http" || fail "replica $survivor never took over" || return 1
+	TAKEOVER=$((SECONDS - killed_at))
+	log "replica $survivor took over ${TAKEOVER}s after the kill"
+	FLOTILLA_PID=$([[ $survivor == a ]] && echo "$pid_a" || echo "$pid_b")
+	wait_for 240 "all 5 pods to run" all_running burst 5 || fail "$(running_pods burst) of 5 pods Running after 240s" || return 1
+	ELAPSED=$((SECONDS - t0))
+	# Let CA and Flotilla run a few more loops: any duplicate would show up now.
+	sleep 15
+	local n nodes
+	n=$(machines sim | wc -l)
+	nodes=$(node_count "$cluster")
+	[[ $n -eq 5 ]] || fail "the cloud has $n machines, expected 5: $(machines sim | xargs)" || return 1
+	[[ $nodes -eq 5 ]] || fail "$nodes Nodes, expected 5" || return 1
+	[[ $(ctl target-size r) == 5 ]] || fail "target size $(ctl target-size r), expected 5" || return 1
+	((TAKEOVER <= 15)) || fail "the takeover took ${TAKEOVER}s" || return 1
+	[[ $(grep -c "acquired the lease" "$RUN_DIR/logs/$SNAME-flotilla-$survivor.log") -eq 1 ]] ||
+		fail "replica $survivor did not acquire the lease exactly once" || return 1
 }
 
 # --- The Helm chart (charts/flotilla) ---
@@ -559,4 +783,50 @@ helm_cleanup() {
 	kc delete namespace "$CHART_NS" autoscaler --wait=false >/dev/null 2>&1
 	kc delete clusterrole,clusterrolebinding -l app.kubernetes.io/name=flotilla >/dev/null 2>&1
 	return 0
+}
+
+# 10. Warm pool: realistic latencies (a create takes 40 s and the machine boots for 20 s; a
+# start takes 5 s, then the same boot). Two pods are scheduled from zero (the pool is empty),
+# CA scales the group down, the machines are stopped into the pool and their Nodes removed;
+# two pods again: the pool machines are started (no create) and the pods run much sooner.
+# WARM_POOL_COLD and WARM_POOL_WARM are pending pod -> Running, in seconds.
+warm_pool() {
+	local version=$1 cluster=$2
+	restricted_kubeconfig || fail "cannot make the restricted ServiceAccount kubeconfig" || return 1
+	flotilla_config "$cluster"
+	sim_cloud sim "remove_nodes = false
+node_cleanup = true
+start_latency = \"5s\""
+	sed -i -e 's/^create_latency = "300ms"/create_latency = "40s"/' -e 's/^boot_time = "2s"/boot_time = "20s"/' \
+		"$SDIR/flotilla.toml"
+	group warm sim "$cluster" 4 "
+[groups.warm.options]
+scale_down_unneeded_time = \"20s\"" "warm_pool = 2"
+	start_flotilla || return 1
+	start_ca "$version" plain || return 1
+	pod_to_running() { # NAME -> seconds from the Deployment to 2 Running pods
+		local t0=$SECONDS
+		workload "$1" "$cluster" 2 1500m
+		wait_for 240 "2 pods of $1 to run" all_running "$1" 2 || return 1
+		echo $((SECONDS - t0))
+	}
+	WARM_POOL_COLD=$(pod_to_running cold) || fail "cold: $(running_pods cold) of 2 pods Running after 240s" || return 1
+	log "cold scale-up (two creates): ${WARM_POOL_COLD}s"
+	kc -n default delete deployment cold >/dev/null || fail "cannot delete the workload" || return 1
+	stopped_count() {
+		python3 -c 'import json,sys; print(sum(1 for m in json.load(open(sys.argv[1]))["machines"].values() if m.get("stopped")))' \
+			"$SDIR/sim-state.json"
+	}
+	pool_full() { [[ $(stopped_count) -eq 2 && $(node_count "$cluster") -eq 0 ]]; }
+	wait_for 180 "both machines to be stopped into the pool and their Nodes removed" pool_full ||
+		fail "after scale-down: $(stopped_count) stopped, $(node_count "$cluster") Nodes, machines $(machines sim | xargs)" || return 1
+	[[ $(ctl target-size warm) == 0 ]] || fail "target size $(ctl target-size warm) with only stopped machines" || return 1
+	[[ -z $(ctl nodes warm) ]] || fail "stopped machines reported to CA: $(ctl nodes warm | xargs)" || return 1
+	WARM_POOL_WARM=$(pod_to_running warm) || fail "warm: $(running_pods warm) of 2 pods Running after 240s" || return 1
+	log "warm scale-up (two starts from the pool): ${WARM_POOL_WARM}s"
+	ELAPSED=$WARM_POOL_WARM
+	[[ $(machines sim | wc -l) -eq 2 ]] || fail "the cloud has $(machines sim | wc -l) machines, expected the same 2" || return 1
+	grep -q 'started pool machine' "$RUN_DIR/logs/$SNAME-flotilla.log" || fail "no pool machine was started" || return 1
+	((WARM_POOL_WARM < WARM_POOL_COLD)) || fail "warm ${WARM_POOL_WARM}s is not faster than cold ${WARM_POOL_COLD}s" || return 1
+	echo "warm-pool: cold ${WARM_POOL_COLD}s, warm ${WARM_POOL_WARM}s" >>"$RUN_DIR/figures.txt"
 }

@@ -82,6 +82,10 @@ pub struct Server {
     pub fault: Option<String>,
     /// Set by DELETE; the server is gone once `delete_time` has passed.
     pub deleted: Option<Instant>,
+    /// `os-stop` accepted at: powering-off for `power_time`, then SHUTOFF.
+    pub stopped: Option<Instant>,
+    /// `os-start` accepted at (after a stop): powering-on for `power_time`, then ACTIVE.
+    pub started: Option<Instant>,
     /// The create body as sent.
     pub body: Value,
 }
@@ -125,6 +129,8 @@ struct Inner {
     issued: u32,
     build_time: Duration,
     delete_time: Duration,
+    /// How long `os-stop` and `os-start` take (Nova works asynchronously).
+    power_time: Duration,
     /// Servers in creation order.
     servers: Vec<Server>,
     next_boot_faults: VecDeque<String>,
@@ -198,6 +204,7 @@ impl Fake {
             issued: 0,
             build_time: Duration::from_millis(200),
             delete_time: Duration::ZERO,
+            power_time: Duration::from_millis(200),
             servers: Vec::new(),
             next_boot_faults: VecDeque::new(),
             quota: None,
@@ -247,6 +254,10 @@ impl Fake {
 
     pub fn set_build_time(&self, d: Duration) {
         self.lock().build_time = d;
+    }
+
+    pub fn set_power_time(&self, d: Duration) {
+        self.lock().power_time = d;
     }
 
     pub fn set_delete_time(&self, d: Duration) {
@@ -351,6 +362,8 @@ impl Fake {
             created: Instant::now(),
             fault: None,
             deleted: None,
+            stopped: None,
+            started: None,
             body: Value::Null,
         });
         id
@@ -417,7 +430,68 @@ impl Inner {
         if s.fault.is_some() {
             return ("ERROR", None);
         }
-        if s.created.elapsed() >= self.build_time { ("ACTIVE", None) } else { ("BUILD", Some("spawning")) }
+        if s.created.elapsed() < self.build_time {
+            return ("BUILD", Some("spawning"));
+        }
+        match (s.stopped, s.started) {
+            (Some(_), Some(on)) if on.elapsed() < self.power_time => ("SHUTOFF", Some("powering-on")),
+            (Some(_), Some(_)) => ("ACTIVE", None),
+            (Some(off), None) if off.elapsed() < self.power_time => ("ACTIVE", Some("powering-off")),
+            (Some(_), None) => ("SHUTOFF", None),
+            (None, _) => ("ACTIVE", None),
+        }
+    }
+
+    /// `POST /servers/{id}/action` with `os-stop` or `os-start`, as Nova checks them
+    /// (`check_instance_state`): stop only an ACTIVE (or ERROR) server with no task under way,
+    /// start only a SHUTOFF one; otherwise 409 `conflictingRequest`. 202 without a body.
+    fn server_action(&mut self, id: &str, body: Option<&Value>) -> Response {
+        let Some(i) = self.find_server(id) else {
+            return error(StatusCode::NOT_FOUND, "itemNotFound", &format!("Instance {id} could not be found."));
+        };
+        let Some(action) = body.and_then(Value::as_object).filter(|o| o.len() == 1) else {
+            self.problems.push(format!("POST /servers/{id}/action: the body must name exactly one action: {body:?}"));
+            return error(StatusCode::BAD_REQUEST, "badRequest", "Malformed request body");
+        };
+        let (name, arg) = action.iter().next().expect("one entry");
+        if !arg.is_null() {
+            self.problems.push(format!("POST /servers/{id}/action: {name} takes null, got {arg}"));
+            return error(StatusCode::BAD_REQUEST, "badRequest", &format!("Invalid input for field/attribute {name}."));
+        }
+        let (status, task) = self.status_of(&self.servers[i]);
+        let conflict = |verb: &str| {
+            let state = match task {
+                Some(t) => format!("task_state {t}"),
+                None if status == "SHUTOFF" => "vm_state stopped".to_owned(),
+                None => format!("vm_state {}", status.to_ascii_lowercase()),
+            };
+            error(
+                StatusCode::CONFLICT,
+                "conflictingRequest",
+                &format!("Cannot '{verb}' instance {id} while it is in {state}"),
+            )
+        };
+        match name.as_str() {
+            "os-stop" => {
+                if task.is_some() || !matches!(status, "ACTIVE" | "ERROR") {
+                    return conflict("stop");
+                }
+                self.servers[i].stopped = Some(Instant::now());
+                self.servers[i].started = None;
+            }
+            "os-start" => {
+                if task.is_some() || status != "SHUTOFF" {
+                    return conflict("start");
+                }
+                self.servers[i].started = Some(Instant::now());
+            }
+            other => {
+                self.problems
+                    .push(format!("POST /servers/{id}/action: an action Flotilla has no business sending: {other}"));
+                return error(StatusCode::BAD_REQUEST, "badRequest", &format!("There is no such action: {other}"));
+            }
+        }
+        StatusCode::ACCEPTED.into_response()
     }
 
     fn server_json(&self, s: &Server) -> Value {
@@ -718,6 +792,8 @@ impl Inner {
             created: Instant::now(),
             fault,
             deleted: None,
+            stopped: None,
+            started: None,
             body: body.clone(),
         });
         if std::mem::take(&mut self.lose_next_create_answer) {
@@ -867,6 +943,7 @@ impl Inner {
                 None => not_found(&format!("Instance {id} could not be found.")),
             },
             (Method::PUT, ["compute", "v2.1", "servers", id, "metadata", key]) => self.set_metadata_item(id, key, body),
+            (Method::POST, ["compute", "v2.1", "servers", id, "action"]) => self.server_action(id, body),
             (Method::GET, ["compute", "v2.1", "flavors", "detail"]) => ok(json!({ "flavors": self.flavors() })),
             (Method::GET, ["compute", "v2.1", "flavors", id, "os-extra_specs"]) => match *id {
                 FLAVOR_ID => ok(json!({ "extra_specs": { "hw:cpu_policy": "shared" } })),
