@@ -198,6 +198,16 @@ async fn kill_9_during_kamatera_deletes_then_restart_finishes_every_accepted_del
     // and the other delete still queued inside it.
     kam.0.state().faults.run_time = Duration::from_secs(60);
     support::delete(&mut c, "workers", &victims).await.unwrap();
+    // Kill only once the first terminate has reached Kamatera (DeleteNodes answers before its
+    // background delete sends it; killing earlier would leave both deletes queued).
+    let sent = |s: &fake::State| {
+        victims.iter().filter(|v| s.command_for(Kind::Terminate, server_name(v)).is_some()).count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sent(&kam.0.state()) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no terminate reached Kamatera within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     serve.kill_9();
     let marked = kam.0.state().servers.iter().filter(|v| v.tags.iter().any(|t| t == TAG_DELETING)).count();
     assert_eq!(marked, 2, "both deletes recorded in Kamatera before DeleteNodes answered: {:?}", kam.view());
