@@ -200,9 +200,8 @@ async fn kill_9_during_kamatera_deletes_then_restart_finishes_every_accepted_del
     support::delete(&mut c, "workers", &victims).await.unwrap();
     // Kill only once the first terminate has reached Kamatera (DeleteNodes answers before its
     // background delete sends it; killing earlier would leave both deletes queued).
-    let sent = |s: &fake::State| {
-        victims.iter().filter(|v| s.command_for(Kind::Terminate, server_name(v)).is_some()).count()
-    };
+    let sent =
+        |s: &fake::State| victims.iter().filter(|v| s.command_for(Kind::Terminate, server_name(v)).is_some()).count();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while sent(&kam.0.state()) == 0 {
         assert!(tokio::time::Instant::now() < deadline, "no terminate reached Kamatera within 30 s");

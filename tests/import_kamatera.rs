@@ -139,6 +139,10 @@ async fn the_in_tree_cloud_config_becomes_groups_that_adopt_the_providers_server
         .parse()
         .unwrap();
     table["clouds"]["kamatera"].as_table_mut().unwrap().insert("api_url".into(), fake.url().into());
+    // The burst group's warm pool needs Node cleanup, so a Kubernetes API; warm pools on
+    // Kamatera are tested in tests/warm_pool.rs, adoption here.
+    table["clouds"]["kamatera"].as_table_mut().unwrap().remove("node_cleanup").expect("the import set node_cleanup");
+    table["groups"]["burst"].as_table_mut().unwrap().remove("warm_pool").expect("the import set a warm pool");
     table.insert(
         "server".into(),
         toml::toml! { grpc_listen = "127.0.0.1:0"
@@ -160,7 +164,15 @@ async fn the_in_tree_cloud_config_becomes_groups_that_adopt_the_providers_server
         .map(|g| (g.id, g.min_size, g.max_size))
         .collect();
     groups.sort();
-    assert_eq!(groups, [("gpu-pool".to_owned(), 0, 2), ("high-cpu".to_owned(), 0, 4), ("workers".to_owned(), 1, 8)]);
+    assert_eq!(
+        groups,
+        [
+            ("burst".to_owned(), 0, 6),
+            ("gpu-pool".to_owned(), 0, 2),
+            ("high-cpu".to_owned(), 0, 4),
+            ("workers".to_owned(), 1, 8)
+        ]
+    );
     let ids = support::wait_running(&c, "high-cpu", 2, std::time::Duration::from_secs(20)).await;
     assert_eq!(ids, ["kamatera://prod-hc-1122334455a", "kamatera://prod-hc-9f8e7d6c5b4"]);
     let ids = support::wait_running(&c, "workers", 1, std::time::Duration::from_secs(20)).await;
@@ -242,4 +254,59 @@ fn the_mistakes_gcfg_accepts_are_imported_as_the_provider_ran_them() {
     // The password was cut at '#' by gcfg: the report says so, without the value.
     assert!(i.report.notes.iter().any(|n| n.contains("default-password is cut short")), "{:?}", i.report.notes);
     assert!(!import::instructions(&i, None).contains("Ab1"));
+}
+
+#[test]
+fn power_off_on_scale_down_becomes_a_warm_pool_with_node_cleanup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("cloud-config.ini");
+    std::fs::write(
+        &path,
+        format!(
+            "[global]\ncluster-name = prod\n{MINIMAL}poweroff-on-scale-down = yes\npoweron-on-scale-up = yes\n\
+             [nodegroup \"unlimited\"]\nmax-size = 5\n\
+             [nodegroup \"capped\"]\nmax-size = 5\npoweroff-on-scale-down-max-servers = 2\n\
+             [nodegroup \"above\"]\nmax-size = 2\npoweroff-on-scale-down-max-servers = 9\n\
+             [nodegroup \"off\"]\npoweroff-on-scale-down = false\npoweroff-on-scale-down-max-servers = 2\n"
+        ),
+    )
+    .unwrap();
+    let i = import::import(&request_for(path, tmp.path())).unwrap();
+    let d = &i.document.root;
+    // max-servers 0 (the provider's "no limit") is max_size; a limit above max_size is max_size.
+    assert_eq!(d.get("groups.unlimited.warm_pool"), Some(&Value::Integer(5)));
+    assert_eq!(d.get("groups.capped.warm_pool"), Some(&Value::Integer(2)));
+    assert_eq!(d.get("groups.above.warm_pool"), Some(&Value::Integer(2)));
+    assert_eq!(d.get("groups.off.warm_pool"), None);
+    assert_eq!(d.get("clouds.kamatera.node_cleanup"), Some(&Value::Bool(true)));
+    for key in [
+        "[global] poweroff-on-scale-down",
+        "[global] poweron-on-scale-up",
+        "[nodegroup \"capped\"] poweroff-on-scale-down-max-servers",
+        "[nodegroup \"off\"] poweroff-on-scale-down",
+        "[nodegroup \"off\"] poweroff-on-scale-down-max-servers",
+    ] {
+        assert!(i.report.accounts_for(key), "{key} not in the report");
+    }
+    let text = import::instructions(&i, None);
+    assert!(text.contains("nodeCleanup: {enabled: true}"), "{text}");
+    // The result is a configuration Flotilla accepts (warm_pool needs node_cleanup).
+    let toml = i.document.render();
+    Config::parse(&toml, "imported.toml", tmp.path()).unwrap_or_else(|p| panic!("{p}\n{toml}"));
+}
+
+#[test]
+fn power_on_without_power_off_keeps_no_pool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("cloud-config.ini");
+    std::fs::write(
+        &path,
+        format!("[global]\ncluster-name = prod\n{MINIMAL}[nodegroup \"ng\"]\npoweron-on-scale-up = 1\n"),
+    )
+    .unwrap();
+    let i = import::import(&request_for(path, tmp.path())).unwrap();
+    assert_eq!(i.document.root.get("groups.ng.warm_pool"), None);
+    assert_eq!(i.document.root.get("clouds.kamatera.node_cleanup"), None);
+    let line = i.report.lines.iter().find(|l| l.key == "[nodegroup \"ng\"] poweron-on-scale-up").unwrap();
+    assert!(format!("{:?}", line.fate).contains("POWERED_OFF"), "{line:?}");
 }

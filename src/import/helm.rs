@@ -75,6 +75,9 @@ pub struct Values {
     /// Comment lines at the top of the values: flags left out, settings that need a change to
     /// work in a pod.
     pub comments: Vec<String>,
+    /// A cloud has `node_cleanup = true` (warm pools need it): the chart must grant Flotilla
+    /// delete on Nodes (`flotilla.nodeCleanup.enabled`), or refuses the configuration.
+    pub node_cleanup: bool,
 }
 
 impl Values {
@@ -113,7 +116,13 @@ impl Values {
                 None => flags.push((f.name.clone(), f.value.clone())),
             }
         }
-        Values { secret_vars: import.document.secret_vars(), files, flags, comments }
+        Values {
+            secret_vars: import.document.secret_vars(),
+            files,
+            flags,
+            comments,
+            node_cleanup: import.document.any_true("node_cleanup"),
+        }
     }
 
     /// The values file, as YAML.
@@ -124,6 +133,10 @@ impl Values {
         }
         s.push_str("flotilla:\n");
         s.push_str("  image:\n    repository: flotilla   # the image you pushed (README, \"Container image\")\n");
+        if self.node_cleanup {
+            s.push_str("  # node_cleanup = true in the configuration: Flotilla may delete Nodes.\n");
+            s.push_str("  nodeCleanup: {enabled: true}\n");
+        }
         if !self.secret_vars.is_empty() {
             s.push_str("  secretEnv:\n");
             for var in &self.secret_vars {

@@ -319,11 +319,12 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
         r.mapped("[global] provider-id-prefix", "groups.*.provider_id");
     }
     let provider_id = format!("{}{{name}}", id_prefix.as_deref().unwrap_or("kamatera://"));
-    for key in ["poweroff-on-scale-down", "poweron-on-scale-up"] {
-        if let Some(on) = g.gcfg_bool(key, "[global]", &file, &mut p) {
-            power_key(&mut r, &format!("[global] {key}"), on);
-        }
-    }
+    // The power keys: a group's value wins when it is set, else [global]'s; read per group below.
+    let global_power: BTreeMap<&str, bool> = ["poweroff-on-scale-down", "poweron-on-scale-up"]
+        .into_iter()
+        .filter_map(|key| Some((key, g.gcfg_bool(key, "[global]", &file, &mut p)?)))
+        .collect();
+    let mut pools = 0;
 
     // Sizes.
     let size = |v: &Values, key: &str, default: i64, where_: &str, p: &mut Problems| -> i64 {
@@ -482,24 +483,77 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
             provider_id.as_str(),
             Some("What the provider reported: <provider-id-prefix><server name>."),
         );
-        for key in ["poweroff-on-scale-down", "poweron-on-scale-up"] {
-            if let Some(s) = v.non_empty(key) {
-                match parse_go_bool(&s) {
-                    Some(on) => power_key(&mut r, &format!("{where_} {key}"), on),
-                    None => p.push(
-                        &file,
-                        &format!("{where_} {key}"),
-                        format!("{s:?} is not a boolean Go's strconv.ParseBool reads (1, t, true, 0, f, false, ...)"),
-                    ),
+        // Power keys -> a warm pool.
+        let power = |key: &'static str, p: &mut Problems| -> (bool, String) {
+            match v.non_empty(key) {
+                Some(s) => match parse_go_bool(&s) {
+                    Some(on) => (on, format!("{where_} {key}")),
+                    None => {
+                        p.push(
+                            &file,
+                            &format!("{where_} {key}"),
+                            format!(
+                                "{s:?} is not a boolean Go's strconv.ParseBool reads (1, t, true, 0, f, false, ...)"
+                            ),
+                        );
+                        (false, format!("{where_} {key}"))
+                    }
+                },
+                None => (global_power.get(key).copied().unwrap_or(false), format!("[global] {key}")),
+            }
+        };
+        let (off, off_key) = power("poweroff-on-scale-down", &mut p);
+        let (on, on_key) = power("poweron-on-scale-up", &mut p);
+        let max_servers_key = format!("{where_} poweroff-on-scale-down-max-servers");
+        let max_servers = match v.non_empty("poweroff-on-scale-down-max-servers") {
+            None => 0,
+            Some(s) => match atoi(&s).filter(|n| *n >= 0) {
+                Some(n) => n,
+                None => {
+                    p.push(&file, &max_servers_key, format!("{s:?} is not a whole number of 0 or more"));
+                    0
+                }
+            },
+        };
+        if off {
+            // The provider keeps up to max-servers powered off (0: no limit); more than max_size
+            // pool machines could never all be started, so "no limit" is max_size.
+            let pool = if max_servers > 0 { max_servers.min(max) } else { max };
+            group.set(
+                "warm_pool",
+                pool.max(0),
+                Some(&format!(
+                    "{off_key}{}: scaled-down servers are powered off into the pool and powered on first on \
+                     scale-up.",
+                    if max_servers > 0 { " (max-servers)" } else { " with no max-servers: up to max_size" }
+                )),
+            );
+            pools += 1;
+            r.mapped(&off_key, &format!("{group_path}.warm_pool"));
+            if v.non_empty("poweroff-on-scale-down-max-servers").is_some() {
+                r.mapped(&max_servers_key, &format!("{group_path}.warm_pool"));
+            }
+            if on {
+                r.mapped(&on_key, &format!("{group_path}.warm_pool"));
+            } else {
+                r.note(format!(
+                    "{where_}: poweron-on-scale-up was off, so the provider never powered its powered-off servers \
+                     on again; Flotilla's warm pool starts them first on scale-up (that is what a pool is for)."
+                ));
+            }
+            r.note(format!(
+                "{where_}: the servers the provider powered off carry the group's tags and join Flotilla's warm pool \
+                 (up to warm_pool = {pool}; any beyond it are terminated)."
+            ));
+        } else {
+            if v.non_empty("poweroff-on-scale-down-max-servers").is_some() {
+                r.dropped(&max_servers_key, None, "poweroff-on-scale-down is off, so the provider ignored it too");
+            }
+            for (key, on, at) in [("poweroff-on-scale-down", off, &off_key), ("poweron-on-scale-up", on, &on_key)] {
+                if v.non_empty(key).is_some() || global_power.contains_key(key) {
+                    power_key(&mut r, at, on);
                 }
             }
-        }
-        if let Some(s) = v.non_empty("poweroff-on-scale-down-max-servers") {
-            r.dropped(
-                &format!("{where_} poweroff-on-scale-down-max-servers"),
-                Some(&s),
-                "warm pools (stopped servers started on scale-up) are not in Flotilla yet (issue 12)",
-            );
         }
 
         let machine_path = format!("{group_path}.machine");
@@ -579,6 +633,24 @@ pub fn import(req: &Request, sources: &[Source]) -> Result<Import, Error> {
                 "{where_} has no script-base64 (nor [global] default-script-base64): its servers would never join; \
                  set script or script_file in [{machine_path}]."
             ));
+        }
+    }
+    if pools > 0 {
+        doc.root.table(&cloud_path).set(
+            "node_cleanup",
+            true,
+            Some("warm_pool needs it: a powered-off server's Node is removed, so cluster-autoscaler does not count it NotReady."),
+        );
+        r.note(
+            "node_cleanup (for the warm pools) has Flotilla delete Nodes through the Kubernetes API: in a pod with its \
+             service account, which needs delete on Nodes (the chart grants it with flotilla.nodeCleanup.enabled=true, \
+             in the Helm values printed below); outside a cluster, set [kubernetes] kubeconfig.",
+        );
+    }
+    for key in global_power.keys() {
+        let key = format!("[global] {key}");
+        if !r.accounts_for(&key) {
+            r.dropped(&key, None, "every node group sets its own");
         }
     }
     // Keys given empty: the provider uses its default for them, and so does the import.
@@ -710,10 +782,12 @@ impl ServerKeys {
     }
 }
 
+/// A power key of a group without `poweroff-on-scale-down`, so without a warm pool.
 fn power_key(r: &mut Report, key: &str, on: bool) {
     let why = if on {
-        "warm pools (power off on scale-down, power on on scale-up) are not in Flotilla yet (issue 12). Servers the \
-         provider powered off still carry the group's tags: terminate them, or power them on, before switching"
+        "without poweroff-on-scale-down Flotilla keeps no warm pool, so scale-up creates new servers. A powered-off \
+         server of the group is listed as failed (POWERED_OFF) and cluster-autoscaler deletes it: power such servers \
+         on before switching, or set warm_pool and node_cleanup to keep them"
     } else if key.ends_with("poweron-on-scale-up") {
         "off, as Flotilla always is: scale-up creates new servers"
     } else {

@@ -213,6 +213,18 @@ impl Document {
         self.strings(&|key| key.ends_with("_file"))
     }
 
+    /// Whether any table (outside inline tables) sets `key = true`.
+    pub fn any_true(&self, key: &str) -> bool {
+        fn walk(t: &Table, key: &str) -> bool {
+            t.entries.iter().any(|e| match &e.item {
+                Item::Value(Value::Bool(true)) => e.key == key,
+                Item::Value(_) => false,
+                Item::Table(t) => walk(t, key),
+            })
+        }
+        walk(&self.root, key)
+    }
+
     /// Every string value (outside inline tables) whose key `keep` accepts, as `(key path,
     /// value)`, in order of appearance.
     pub fn strings(&self, keep: &dyn Fn(&str) -> bool) -> Vec<(String, String)> {

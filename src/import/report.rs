@@ -84,8 +84,12 @@ impl Report {
         self.notes.push(text.into());
     }
 
+    /// A line already there (a [global] key several groups use the same way) is not repeated.
     fn push(&mut self, key: &str, value: Option<String>, fate: Fate) {
-        self.lines.push(Line { key: key.to_owned(), value, fate });
+        let line = Line { key: key.to_owned(), value, fate };
+        if !self.lines.contains(&line) {
+            self.lines.push(line);
+        }
     }
 
     /// True when `key` has a line (every input key must).

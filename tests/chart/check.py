@@ -3,8 +3,9 @@
     check.py RENDERED.yaml VALUES.yaml [VALUES.yaml ...]
 
 Reads the manifests `helm template` wrote and the values files they came from, and asserts what
-the chart promises: Flotilla's TOML is exactly the values' `flotilla.config` plus the chart's
-[server] table; gRPC on loopback in sidecar mode, HTTP on the pod IP; CA's cloud-config points
+the chart promises: Flotilla's TOML is exactly the values' `flotilla.config` (with node_cleanup
+when flotilla.nodeCleanup is on) plus the chart's [server], [leader_election] (more than one
+Flotilla) and [priority_expander] (in the release namespace) tables; gRPC on loopback in sidecar mode, HTTP on the pod IP; CA's cloud-config points
 at Flotilla; secrets are never values in a ConfigMap; pods are hardened and roll on a config
 change; RBAC is granted only behind its values. Prints one line per problem; exits 1 if any.
 """
@@ -79,11 +80,33 @@ def main():
     tomls = [d["data"]["flotilla.toml"] for d in configmaps.values() if "flotilla.toml" in d.get("data", {})]
     check(len(tomls) == 1, f"expected one flotilla.toml, found {len(tomls)}")
     config = tomllib.loads(tomls[0])
+    namespace = next(iter(configmaps.values()))["metadata"]["namespace"]
     server = config.pop("server", {})
+    # The tables the chart owns besides [server]: from its values, for the release namespace.
+    replicas = fl["replicas"] if standalone else values["autoscaler"]["replicas"]
+    le = fl["leaderElection"]
+    want_le = None
+    if replicas > 1:
+        want_le = {"enabled": True, "namespace": namespace, "lease_name": le["leaseName"]}
+        for key, toml_key in (("leaseDuration", "lease_duration"), ("renewDeadline", "renew_deadline"), ("retryPeriod", "retry_period")):
+            if le.get(key):
+                want_le[toml_key] = le[key]
+    got_le = config.pop("leader_election", None)
+    check(got_le == want_le, f"[leader_election] is {got_le}, expected {want_le} ({replicas} replicas)")
+    want_pe = {"namespace": namespace} if fl["priorityExpander"]["enabled"] else None
+    got_pe = config.pop("priority_expander", None)
+    check(got_pe == want_pe, f"[priority_expander] is {got_pe}, expected {want_pe}")
+    if fl["nodeCleanup"]["enabled"]:
+        check(any(c.get("node_cleanup") is True for c in config.get("clouds", {}).values()),
+              "flotilla.nodeCleanup.enabled but no cloud has node_cleanup = true")
     if not fl.get("configToml"):
-        check(normalise(config) == normalise(fl["config"]),
-              "flotilla.toml is not the values' flotilla.config:\n"
-              f"  rendered: {config}\n  values:   {normalise(fl['config'])}")
+        want = normalise(fl["config"])
+        if fl["nodeCleanup"]["enabled"]:
+            for cloud in want.get("clouds", {}).values():
+                cloud.setdefault("node_cleanup", True)
+        check(normalise(config) == want,
+              "flotilla.toml is not the values' flotilla.config (with node_cleanup from flotilla.nodeCleanup):\n"
+              f"  rendered: {config}\n  values:   {want}")
     def host_port(host, port):
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     grpc_host = fl["bindAddress"] if standalone else "127.0.0.1"
@@ -132,6 +155,11 @@ def main():
                 cmd = c["command"]
                 check("--cloud-provider=externalgrpc" in cmd, f"{name}: no --cloud-provider=externalgrpc")
                 check("--cloud-config=/etc/cluster-autoscaler/cloud-config.yaml" in cmd, f"{name}: no --cloud-config")
+                expanders = [f.split("=", 1)[1] for f in cmd if f.startswith("--expander=")]
+                check(len(expanders) <= 1, f"{name}: --expander given {len(expanders)} times")
+                if fl["priorityExpander"]["enabled"]:
+                    check(expanders and "priority" in expanders[0].split(","),
+                          f"{name}: priorityExpander.enabled but CA's expanders are {expanders}")
                 for k, v in values["autoscaler"]["extraArgs"].items():
                     flag = "--" + k.split("_")[0] + ("" if v is None else f"={str(v).lower() if isinstance(v, bool) else v}")
                     check(flag in cmd, f"{name}: extraArgs {k} not rendered as {flag}")
@@ -141,7 +169,6 @@ def main():
     rules = [(r["metadata"]["name"], rule) for kind in ("ClusterRole", "Role") for r in by_kind.get(kind, []) for rule in r["rules"]]
     node_delete = any("nodes" in rule.get("resources", []) and "delete" in rule.get("verbs", []) for _, rule in rules)
     check(node_delete == bool(fl["nodeCleanup"]["enabled"]), f"nodes/delete granted={node_delete}, nodeCleanup={fl['nodeCleanup']['enabled']}")
-    replicas = fl["replicas"] if standalone else values["autoscaler"]["replicas"]
     lease = fl["leaderElection"]["leaseName"]
     flotilla_lease = any(lease in rule.get("resourceNames", []) and "leases" in rule.get("resources", []) for _, rule in rules)
     check(flotilla_lease == (replicas > 1), f"Flotilla's Lease granted={flotilla_lease} with {replicas} replicas")

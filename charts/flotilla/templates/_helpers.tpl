@@ -61,9 +61,46 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- if include "flotilla.standalone" . }}{{ .Values.flotilla.replicas }}{{ else }}{{ .Values.autoscaler.replicas }}{{ end -}}
 {{- end -}}
 
+{{/* Whether the Flotilla replicas elect a leader (more than one runs). */}}
+{{- define "flotilla.leaderElection" -}}
+{{- if gt (int (include "flotilla.replicas" .)) 1 }}true{{ end -}}
+{{- end -}}
+
 {{/* Whether Flotilla talks to the Kubernetes API at all (then it needs a token). */}}
 {{- define "flotilla.needsApi" -}}
-{{- if or .Values.flotilla.nodeCleanup.enabled .Values.flotilla.priorityExpander.enabled (gt (int (include "flotilla.replicas" .)) 1) }}true{{ end -}}
+{{- if or .Values.flotilla.nodeCleanup.enabled .Values.flotilla.priorityExpander.enabled (include "flotilla.leaderElection" .) }}true{{ end -}}
+{{- end -}}
+
+{{/*
+The tables the chart owns besides [server], from its values, as YAML: [priority_expander] in
+the release namespace (CA's --namespace, where the chart's Role lets Flotilla write the
+ConfigMap) and [leader_election] on the Lease the chart's Role names.
+*/}}
+{{- define "flotilla.chartTables" -}}
+{{- $t := dict -}}
+{{- if .Values.flotilla.priorityExpander.enabled -}}
+{{- $_ := set $t "priority_expander" (dict "namespace" .Release.Namespace) -}}
+{{- end -}}
+{{- if include "flotilla.leaderElection" . -}}
+{{- $v := .Values.flotilla.leaderElection -}}
+{{- $le := dict "enabled" true "namespace" .Release.Namespace "lease_name" $v.leaseName -}}
+{{- with $v.leaseDuration }}{{ $_ := set $le "lease_duration" . }}{{ end -}}
+{{- with $v.renewDeadline }}{{ $_ := set $le "renew_deadline" . }}{{ end -}}
+{{- with $v.retryPeriod }}{{ $_ := set $le "retry_period" . }}{{ end -}}
+{{- $_ := set $t "leader_election" $le -}}
+{{- end -}}
+{{- toYaml $t -}}
+{{- end -}}
+
+{{/* flotilla.config with node_cleanup = true on every cloud that does not set it, when flotilla.nodeCleanup.enabled. */}}
+{{- define "flotilla.userConfig" -}}
+{{- $c := deepCopy .Values.flotilla.config -}}
+{{- if .Values.flotilla.nodeCleanup.enabled -}}
+{{- range $name, $cloud := (get $c "clouds" | default dict) -}}
+{{- if and (kindIs "map" $cloud) (not (hasKey $cloud "node_cleanup")) }}{{ $_ := set $cloud "node_cleanup" true }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $c -}}
 {{- end -}}
 
 {{- define "flotilla.image" -}}
@@ -107,8 +144,51 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- if hasKey .Values.flotilla.config "server" -}}
 {{- fail "flotilla.config.server is set by the chart: use flotilla.grpcPort, flotilla.httpPort, flotilla.bindAddress, flotilla.shutdownGraceSeconds and tls.*" -}}
 {{- end -}}
-{{- else if regexMatch "(?m)^\\s*(\\[\\s*server\\s*[.\\]]|server\\s*[.=])" .Values.flotilla.configToml -}}
+{{- range $table, $values := dict "leader_election" "flotilla.leaderElection.* (the chart elects a leader when more than one Flotilla runs)" "priority_expander" "flotilla.priorityExpander.enabled (the chart writes it for the release namespace)" -}}
+{{- if hasKey $.Values.flotilla.config $table -}}
+{{- fail (printf "flotilla.config.%s is set by the chart: use %s" $table $values) -}}
+{{- end -}}
+{{- end -}}
+{{- $c := .Values.flotilla.config -}}
+{{- $cleanup := list -}}
+{{- range $name, $cloud := (get $c "clouds" | default dict) -}}
+{{- if and (kindIs "map" $cloud) (get $cloud "node_cleanup") }}{{ $cleanup = append $cleanup $name }}{{ end -}}
+{{- end -}}
+{{- if and $cleanup (not .Values.flotilla.nodeCleanup.enabled) -}}
+{{- fail (printf "flotilla.config.clouds.%s.node_cleanup needs flotilla.nodeCleanup.enabled=true, which grants Flotilla the right to delete Nodes (and sets node_cleanup on every cloud)" (first $cleanup)) -}}
+{{- end -}}
+{{- range $name, $group := (get $c "groups" | default dict) -}}
+{{- if and (kindIs "map" $group) (get $group "warm_pool") (not $.Values.flotilla.nodeCleanup.enabled) -}}
+{{- fail (printf "flotilla.config.groups.%s.warm_pool needs flotilla.nodeCleanup.enabled=true: a stopped machine's Node must be removed, or cluster-autoscaler counts it as NotReady" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- else -}}
+{{- $toml := .Values.flotilla.configToml -}}
+{{- if regexMatch "(?m)^\\s*(\\[\\s*server\\s*[.\\]]|server\\s*[.=])" $toml -}}
 {{- fail "flotilla.configToml must not contain [server]: the chart appends it (use flotilla.grpcPort, flotilla.httpPort, flotilla.bindAddress, flotilla.shutdownGraceSeconds and tls.*)" -}}
+{{- end -}}
+{{- if regexMatch "(?m)^\\s*(\\[\\s*leader_election\\s*[.\\]]|leader_election\\s*[.=])" $toml -}}
+{{- fail "flotilla.configToml must not contain [leader_election]: the chart appends it when more than one Flotilla runs (use flotilla.leaderElection.*)" -}}
+{{- end -}}
+{{- if regexMatch "(?m)^\\s*(\\[\\s*priority_expander\\s*[.\\]]|priority_expander\\s*[.=])" $toml -}}
+{{- fail "flotilla.configToml must not contain [priority_expander]: the chart appends it for the release namespace (use flotilla.priorityExpander.enabled=true)" -}}
+{{- end -}}
+{{- $cleanup := regexMatch "node_cleanup\\s*=\\s*true" $toml -}}
+{{- if and $cleanup (not .Values.flotilla.nodeCleanup.enabled) -}}
+{{- fail "flotilla.configToml sets node_cleanup = true: set flotilla.nodeCleanup.enabled=true too, which grants Flotilla the right to delete Nodes" -}}
+{{- end -}}
+{{- if and .Values.flotilla.nodeCleanup.enabled (not $cleanup) -}}
+{{- fail "flotilla.nodeCleanup.enabled=true but flotilla.configToml sets node_cleanup = true on no cloud: add it to each [clouds.NAME] whose Nodes Flotilla should remove" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (not (include "flotilla.standalone" .)) (gt (int .Values.autoscaler.replicas) 1) -}}
+{{- fail "autoscaler.replicas > 1 needs mode=standalone: in sidecar mode each cluster-autoscaler talks only to the Flotilla in its own pod, and CA's leader and Flotilla's could be in different pods. Run mode=standalone with flotilla.replicas > 1 (Flotilla elects a leader) and autoscaler.replicas as you like" -}}
+{{- end -}}
+{{- if .Values.flotilla.priorityExpander.enabled -}}
+{{- $expander := get .Values.autoscaler.extraArgs "expander" -}}
+{{- if and $expander (not (has "priority" (splitList "," (toString $expander)))) -}}
+{{- fail (printf "flotilla.priorityExpander.enabled=true but autoscaler.extraArgs.expander is %q: cluster-autoscaler reads the ConfigMap Flotilla writes only with the priority expander (--expander=priority, or a chain such as priority,least-waste)" (toString $expander)) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -171,11 +251,13 @@ arrays as inline tables, and nested maps as [dotted.tables]. Nulls are left out.
 
 {{/* flotilla.toml: the user's configuration and the chart's [server] table. */}}
 {{- define "flotilla.configToml" -}}
+{{- $tables := include "flotilla.chartTables" . | fromYaml -}}
 {{- if .Values.flotilla.configToml -}}
 {{ .Values.flotilla.configToml | trimSuffix "\n" }}
+{{- include "flotilla.toml.table" (dict "path" (list) "map" $tables) }}
 {{ include "flotilla.serverTable" . }}
 {{- else -}}
-{{- include "flotilla.toml.table" (dict "path" (list) "map" .Values.flotilla.config) | trimPrefix "\n" }}
+{{- include "flotilla.toml.table" (dict "path" (list) "map" (merge $tables (include "flotilla.userConfig" . | fromYaml))) | trimPrefix "\n" }}
 {{ include "flotilla.serverTable" . }}
 {{- end }}
 {{ end -}}
@@ -295,6 +377,9 @@ grpc_timeout: {{ .Values.autoscaler.grpcTimeout }}
     - --cloud-provider=externalgrpc
     - --cloud-config=/etc/cluster-autoscaler/cloud-config.yaml
     - --namespace={{ .Release.Namespace }}
+    {{- if and .Values.flotilla.priorityExpander.enabled (not (hasKey .Values.autoscaler.extraArgs "expander")) }}
+    - --expander=priority
+    {{- end }}
     {{- range $key, $value := .Values.autoscaler.extraArgs }}
     {{- if kindIs "invalid" $value }}
     - --{{ $key | mustRegexFind "^[^_]+" }}
