@@ -160,6 +160,12 @@ def main():
                 if fl["priorityExpander"]["enabled"]:
                     check(expanders and "priority" in expanders[0].split(","),
                           f"{name}: priorityExpander.enabled but CA's expanders are {expanders}")
+                if expanders and "priority" in expanders[0].split(","):
+                    ca_reads = any(r["metadata"]["name"].endswith("-provider") is False
+                                   and "cluster-autoscaler-priority-expander" in rule.get("resourceNames", [])
+                                   and {"get", "watch"} <= set(rule.get("verbs", []))
+                                   for r in by_kind.get("Role", []) for rule in r["rules"])
+                    check(ca_reads, f"{name}: CA runs the priority expander but may not read its ConfigMap")
                 for k, v in values["autoscaler"]["extraArgs"].items():
                     flag = "--" + k.split("_")[0] + ("" if v is None else f"={str(v).lower() if isinstance(v, bool) else v}")
                     check(flag in cmd, f"{name}: extraArgs {k} not rendered as {flag}")
@@ -172,8 +178,15 @@ def main():
     lease = fl["leaderElection"]["leaseName"]
     flotilla_lease = any(lease in rule.get("resourceNames", []) and "leases" in rule.get("resources", []) for _, rule in rules)
     check(flotilla_lease == (replicas > 1), f"Flotilla's Lease granted={flotilla_lease} with {replicas} replicas")
-    expander = any("cluster-autoscaler-priority-expander" in rule.get("resourceNames", []) and "update" in rule.get("verbs", [])
-                   and "patch" in rule.get("verbs", []) for _, rule in rules)
+    expander = any("cluster-autoscaler-priority-expander" in rule.get("resourceNames", []) and "patch" in rule.get("verbs", [])
+                   for _, rule in rules)
+    # Exactly the calls Flotilla makes (src/kube/api.rs): nothing broader.
+    for role, rule in rules:
+        if role.endswith("-provider"):
+            allowed = {"nodes": {"get", "list", "delete"}, "leases": {"create", "get", "update"}, "configmaps": {"create", "patch"}}
+            for res in rule.get("resources", []):
+                extra = set(rule.get("verbs", [])) - allowed.get(res, set())
+                check(not extra, f"{role}: {res} granted {sorted(extra)} beyond what Flotilla calls")
     check(expander == bool(fl["priorityExpander"]["enabled"]), f"priority-expander write granted={expander}")
     for d in by_kind.get("Secret", []):
         check(False, f"the chart renders a Secret ({d['metadata']['name']}); secrets must come from existing Secrets")
