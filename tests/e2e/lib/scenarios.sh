@@ -681,6 +681,7 @@ flotilla:
     groups:
       workers:
         max_size: 3
+        priority: 10
         template:
           cpu: "2"
           memory: 4Gi
@@ -689,8 +690,12 @@ flotilla:
   # The simulated cloud's state file, in a volume of the pod.
   extraVolumes: [{ name: state, emptyDir: {} }]
   extraVolumeMounts: [{ name: state, mountPath: /var/lib/flotilla }]
+  # The features that talk to the API, with the RBAC the chart grants for them.
+  nodeCleanup: { enabled: true }
+  priorityExpander: { enabled: true }
 autoscaler:
   extraArgs:
+    expander: priority
     scan-interval: 5s
     new-pod-scale-up-delay: 0s
     max-node-provision-time: 5m
@@ -776,6 +781,21 @@ KUBECONFIG
 		fail "the API refused cluster-autoscaler $refused times: $(grep -m1 'is forbidden' "$RUN_DIR/logs/$SNAME-ca.log" | cut -c1-300)" ||
 		return 1
 	kc -n "$ns" get lease cluster-autoscaler >/dev/null 2>&1 || fail "CA did not take its leader-election Lease" || return 1
+	# flotilla.priorityExpander: Flotilla wrote CA's ConfigMap in the release namespace, and CA
+	# (which read it with the chart's Role, or the check above would have failed) chose by it.
+	local priorities
+	priorities=$(kc -n "$ns" get configmap cluster-autoscaler-priority-expander -o jsonpath='{.data.priorities}' 2>/dev/null)
+	grep -q '\^workers\$' <<<"$priorities" ||
+		fail "no priority-expander ConfigMap with ^workers$ in $ns: '$priorities'" || return 1
+	# Here Flotilla uses the run's admin kubeconfig (the simulated cloud registers kwok Nodes), so
+	# ask kube-apiserver whether the chart's service account may make each call Flotilla makes.
+	local can who="system:serviceaccount:$ns:$sa"
+	for can in "get nodes" "list nodes" "delete nodes" "create configmaps -n $ns" \
+		"patch configmaps/cluster-autoscaler-priority-expander -n $ns"; do
+		# shellcheck disable=SC2086
+		[[ $(kc auth can-i $can --as="$who" 2>/dev/null) == yes ]] ||
+			fail "the chart's RBAC does not let $who $can" || return 1
+	done
 }
 
 helm_cleanup() {
