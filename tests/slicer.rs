@@ -770,3 +770,120 @@ fn the_default_provider_id_is_k3s_of_the_hostname() {
     let format = flotilla::provider_id::ProviderIdFormat::parse("k3s://{id}").unwrap();
     assert!(format.needs_cloud_id(), "reported as pending until the daemon names the VM");
 }
+
+#[path = "fakes/kube/mod.rs"]
+mod kube_fake;
+
+/// A VM of group `agents` that a scale-down stopped earlier (or another Flotilla did).
+fn add_stopped(t: &Setup, name: &str) -> String {
+    let mut s = t.fake.state();
+    let hostname = s.add_foreign_vm("agents", &tags(&ours("agents", name)));
+    let vm = s.vms.get_mut(&hostname).unwrap();
+    vm.persistent = true;
+    vm.status = "Stopped".into();
+    hostname
+}
+
+#[tokio::test]
+async fn a_warm_pool_stops_persistent_vms_and_relaunches_them_for_the_next_scale_up() {
+    let t = Setup::new().await;
+    let kube = kube_fake::Fake::start("t").await;
+    let pooled = add_stopped(&t, "agents-pool-a");
+    let text = t.toml("node_cleanup = true\n", "persistent = true\n", "").replace(
+        "[groups.agents]\ncloud = \"slicer\"\nmax_size = 10\n",
+        "[groups.agents]\ncloud = \"slicer\"\nmax_size = 10\nwarm_pool = 2\n",
+    ) + &format!("[kubernetes]\nkubeconfig = \"{}\"\n", kube.kubeconfig(t.dir.path(), "t").display());
+    let (server, mut c) = support::start(&text).await;
+    support::refresh(&mut c).await.unwrap();
+    assert_eq!(support::target_size(&mut c, "agents").await, 0, "a stopped VM of a pool group is not counted");
+    assert!(support::nodes(&mut c, "agents").await.is_empty(), "nor reported");
+
+    // Scale-up of 2: the stopped VM is relaunched under its hostname, one VM is launched.
+    support::increase(&mut c, "agents", 2).await.unwrap();
+    let ids = support::wait_running(&c, "agents", 2, LIMIT).await;
+    assert!(ids.contains(&format!("k3s://{pooled}")), "{ids:?}");
+    {
+        let s = t.fake.state();
+        assert_eq!(s.calls("POST", &format!("/vm/{pooled}/relaunch")).len(), 1);
+        assert_eq!(s.calls("POST", "/hostgroup/agents/nodes").len(), 1, "one launch");
+        assert_eq!(s.vms[&pooled].status, "Running");
+    }
+
+    // Scale-down of both: each is stopped with the SDK's graceful stop and kept.
+    t.fake.state().faults.stop_delay = Duration::from_millis(700);
+    let victims: Vec<&str> = ids.iter().map(String::as_str).collect();
+    support::delete(&mut c, "agents", &victims).await.unwrap();
+    support::wait_running(&c, "agents", 0, LIMIT).await;
+    {
+        let s = t.fake.state();
+        let stops: Vec<_> = s.requests.iter().filter(|r| r.path.ends_with("/shutdown")).collect();
+        assert_eq!(stops.len(), 2, "{:?}", s.call_lines());
+        assert!(stops.iter().all(|r| r.query("action") == Some("reboot")), "{:?}", s.call_lines());
+        assert!(s.calls("DELETE", &format!("/hostgroup/agents/nodes/{pooled}")).is_empty(), "nothing deleted");
+        let ours = s.tagged("agents", &[TAG_CLUSTER]);
+        assert_eq!(ours.len(), 2);
+        assert!(ours.iter().all(|v| v.status == "Stopped"), "{ours:?}");
+    }
+    assert_eq!(support::target_size(&mut c, "agents").await, 0);
+    server.stop().await.unwrap();
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_relaunch_the_daemon_cannot_do_or_whose_answer_is_lost_is_handled() {
+    let t = Setup::new().await;
+    let text = t.toml("", "persistent = true\n", "");
+    let d = t.driver(&text);
+    assert!(d.can_stop());
+    let hostname = add_stopped(&t, "p1");
+    let m = machine("agents", "p1", &hostname);
+    // A lost answer: the daemon relaunched it; the start reads the listing and is done.
+    t.fake.fault_next("POST", &format!("/vm/{hostname}/relaunch"), fake::CallFault::LoseAnswer);
+    let started = d.start(&m).await.unwrap();
+    assert_eq!(started.state, MachineState::Running);
+    assert_eq!(t.fake.state().vms[&hostname].status, "Running");
+    // Starting a running VM sends nothing.
+    d.start(&m).await.unwrap();
+    assert_eq!(t.fake.state().calls("POST", &format!("/vm/{hostname}/relaunch")).len(), 1);
+
+    // A daemon from before relaunch (slicervm/sdk v0.0.35): the start fails, saying why (the
+    // core then deletes the VM and launches a new one).
+    let old = add_stopped(&t, "p2");
+    t.fake.state().faults.relaunch = false;
+    let e = d.start(&machine("agents", "p2", &old)).await.unwrap_err();
+    assert!(matches!(&e, Error::Other(m) if m.contains("cannot relaunch")), "{e:?}");
+    assert_eq!(t.fake.state().vms[&old].status, "Stopped");
+    // A VM that is gone is NotFound, for stop and start alike.
+    let gone = machine("agents", "p3", "agents-99");
+    assert!(matches!(d.stop(&gone).await, Err(Error::NotFound(_))));
+    assert!(matches!(d.start(&gone).await, Err(Error::NotFound(_))));
+    t.fake.assert_clean();
+}
+
+#[tokio::test]
+async fn a_stop_of_an_ephemeral_vm_that_vanished_is_not_found_and_a_repeated_stop_is_done() {
+    let t = Setup::new().await;
+    let d = t.driver(&t.toml("", "persistent = true\n", ""));
+    let hostname = add_stopped(&t, "p1");
+    let m = machine("agents", "p1", &hostname);
+    d.stop(&m).await.unwrap();
+    assert!(t.fake.state().requests.iter().all(|r| !r.path.ends_with("/shutdown")), "already stopped: nothing sent");
+    // An ephemeral VM (one launched before persistent was set) is gone once it stops.
+    let eph = t.fake.state().add_foreign_vm("agents", &tags(&ours("agents", "e1")));
+    assert!(matches!(d.stop(&machine("agents", "e1", &eph)).await, Err(Error::NotFound(_))));
+    assert!(!t.fake.state().vms.contains_key(&eph));
+    t.fake.assert_clean();
+}
+
+#[test]
+fn a_warm_pool_needs_persistent_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "cluster_name = \"homelab\"\n\
+        [clouds.slicer]\ndriver = \"slicer\"\nurl = \"http://127.0.0.1:8081\"\nk3s_url = \"https://192.168.137.2:6443\"\n\
+        k3s_token = \"K10x::server:y\"\nnode_cleanup = true\n\
+        [groups.agents]\ncloud = \"slicer\"\nmax_size = 3\nwarm_pool = 1\n";
+    let config = flotilla::config::Config::parse(text, "test.toml", dir.path()).unwrap();
+    let problems = flotilla::build_drivers(&config).unwrap_err();
+    let p = problems.items.iter().find(|i| i.path == "groups.agents.machine.persistent").expect("persistent named");
+    assert!(p.message.contains("warm_pool"), "{}", p.message);
+}

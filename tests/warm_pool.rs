@@ -214,7 +214,7 @@ async fn a_restarted_flotilla_finds_its_pool_in_the_cloud_and_trims_it_to_size()
 }
 
 #[test]
-fn a_warm_pool_needs_node_cleanup_and_a_driver_that_can_stop() {
+fn a_warm_pool_needs_node_cleanup_and_a_driver_that_can_stop_and_start_it() {
     let text = "cluster_name = \"c\"\n[clouds.sim]\ndriver = \"simulated\"\n\
                 [groups.g]\ncloud = \"sim\"\nmax_size = 3\nwarm_pool = 2\n";
     let problems = flotilla::config::Config::parse(text, "t.toml", std::path::Path::new(".")).unwrap_err();
@@ -227,9 +227,12 @@ fn a_warm_pool_needs_node_cleanup_and_a_driver_that_can_stop() {
     let config = flotilla::config::Config::parse(text, "t.toml", std::path::Path::new(".")).unwrap();
     let problems = flotilla::build_drivers(&config).unwrap_err();
     assert!(
-        problems.to_string().contains("groups.g.warm_pool: the slicer driver cannot stop and start machines"),
-        "{problems}"
+        problems.to_string().contains("groups.g.machine.persistent: must be true for groups.g.warm_pool"),
+        "Slicer relaunches only persistent VMs: {problems}"
     );
+    let text = text.to_owned() + "[groups.g.machine]\npersistent = true\n";
+    let config = flotilla::config::Config::parse(&text, "t.toml", std::path::Path::new(".")).unwrap();
+    flotilla::build_drivers(&config).unwrap_or_else(|p| panic!("{p}"));
 }
 
 // === OpenStack: os-stop / os-start against the Nova fake ===

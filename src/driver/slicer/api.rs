@@ -1,4 +1,4 @@
-//! The narrow client of the Slicer REST API, on the shared HTTP layer ([`http`]): the eight
+//! The narrow client of the Slicer REST API, on the shared HTTP layer ([`http`]): the ten
 //! calls the driver makes, the bearer token on every one, and what the daemon's answers mean.
 //!
 //! Paths, bodies and accepted statuses are those of the daemon's OpenAPI and of the Go SDK
@@ -7,7 +7,11 @@
 //! `DELETE /hostgroup/{hg}/nodes/{hostname}` (200 with `{message, disk_removed, error}`, or 204),
 //! `POST /secrets` (201; 409 when the name exists), `PATCH /secrets/{name}` (200), and
 //! `PATCH /vm/{hostname}/tags` (200 with `{hostname, tags}`; SDK v0.0.66, August 2026, and later:
-//! older daemons have no such route, the OpenAPI does not list it yet). Errors are
+//! older daemons have no such route, the OpenAPI does not list it yet), and for warm pools
+//! `POST /vm/{hostname}/shutdown?action=reboot` (200; the SDK's default action: a Firecracker
+//! VM's graceful stop, since a guest power-off does not end its VMM) and
+//! `POST /vm/{hostname}/relaunch` (200 or 201 with the create's answer; a stopped persistent
+//! VM, SDK v0.0.35, April 2026, and later). Errors are
 //! `{"error": "..."}`. Reads, deletes and tag additions are retried on transient failures; a
 //! create never is.
 
@@ -156,6 +160,24 @@ impl Api {
         let body = json!({ "add": tags });
         let r = self.request(reqwest::Method::PATCH, &format!("/vm/{hostname}/tags")).json(&body).idempotent();
         Ok(r.send().await?.json::<VmTags>()?.tags)
+    }
+
+    /// Stops VM `hostname` (`POST /vm/{hostname}/shutdown?action=reboot`): a persistent VM is
+    /// then listed `Stopped`. Retried: stopping a VM that is stopping or stopped is harmless.
+    pub async fn shutdown(&self, hostname: &str) -> Result<(), http::Error> {
+        self.request(reqwest::Method::POST, &format!("/vm/{hostname}/shutdown"))
+            .query(&[("action", "reboot")])
+            .idempotent()
+            .send()
+            .await?;
+        Ok(())
+    }
+
+    /// Starts a stopped persistent VM again (`POST /vm/{hostname}/relaunch`), under its
+    /// hostname, tags and disk. Never retried: the caller reads the listing instead.
+    pub async fn relaunch(&self, hostname: &str) -> Result<(), http::Error> {
+        self.request(reqwest::Method::POST, &format!("/vm/{hostname}/relaunch")).send().await?;
+        Ok(())
     }
 
     /// Stores a secret; `false` when one of that name exists already (409).

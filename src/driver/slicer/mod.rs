@@ -19,6 +19,15 @@
 //! listing and one `DELETE`; `mark_deleting` one listing and one `PATCH /vm/{hostname}/tags`.
 //! `shape` and `check` read `GET /hostgroup`.
 //!
+//! # Warm pools
+//! A group with `warm_pool` needs `persistent = true`: `stop` is `POST /vm/{hostname}/shutdown`
+//! with the SDK's default action `reboot` (a Firecracker guest's graceful stop: a guest
+//! power-off does not end the VMM) and waits for the listing to say `Stopped`; `start` is
+//! `POST /vm/{hostname}/relaunch` (SDK v0.0.35 on; an older daemon's 404 fails the start, and
+//! the core creates a new VM instead). In a pool group a `Stopped` VM is a pool machine; in any
+//! other it is listed as it always was (Running, its Node NotReady until cluster-autoscaler
+//! deletes it).
+//!
 //! # Marks: an accepted delete outlives the process
 //! Before deleting, the core asks for the tag `flotilla-deleting=true` ([`MARK_DELETING`]),
 //! added with `PATCH /vm/{hostname}/tags` after the listing confirmed the hostname is still
@@ -68,6 +77,10 @@ pub const TAG_NAME: &str = "flotilla-name";
 pub const TAG_DELETING: &str = "flotilla-deleting";
 /// The tag [`Driver::mark_deleting`] adds.
 pub const MARK_DELETING: &str = "flotilla-deleting=true";
+/// How long a stop waits for the daemon to list the VM `Stopped`.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often a stop reads the listing meanwhile.
+const POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One Slicer daemon.
 #[derive(Debug)]
@@ -143,6 +156,15 @@ impl Slicer {
         self.groups.get(group).ok_or_else(|| Error::InvalidRequest(format!("group {group:?} is not on this cloud")))
     }
 
+    fn running(&self, machine: &MachineRef) -> Machine {
+        Machine {
+            group: machine.group.clone(),
+            name: machine.name.clone(),
+            id: machine.id.clone(),
+            state: MachineState::Running,
+        }
+    }
+
     fn cluster_tag(&self) -> String {
         format!("{TAG_CLUSTER}={}", self.cluster)
     }
@@ -160,7 +182,14 @@ impl Slicer {
         }
         // A VM tagged by hand without a name is still ours; its hostname names it.
         let name = node.tag(TAG_NAME).unwrap_or(&node.hostname).to_owned();
-        let state = if node.tag(TAG_DELETING).is_some() { MachineState::Deleting } else { MachineState::Running };
+        let pool = self.groups.get(group).is_some_and(|g| g.warm_pool);
+        let state = if node.tag(TAG_DELETING).is_some() {
+            MachineState::Deleting
+        } else if pool && is_stopped(&node) {
+            MachineState::Stopped
+        } else {
+            MachineState::Running
+        };
         Some(Machine { group: group.to_owned(), name, id: node.hostname, state })
     }
 
@@ -361,6 +390,72 @@ impl Driver for Slicer {
         }
     }
 
+    /// Warm pools: persistent VMs are stopped (`shutdown`) and relaunched.
+    fn can_stop(&self) -> bool {
+        true
+    }
+
+    /// Stops the VM and waits until the daemon lists it `Stopped` (so its Node can go). One that
+    /// never gets there (a host group whose hypervisor reboots instead) is an error, and the
+    /// core deletes it as cluster-autoscaler asked.
+    async fn stop(&self, machine: &MachineRef) -> Result<()> {
+        let node = self.own_node(machine).await?;
+        if is_stopped(&node) {
+            return Ok(());
+        }
+        if let Err(e) = self.api.shutdown(&machine.id).await {
+            if e.status() == Some(404) {
+                // Gone since the listing (NotFound), or a daemon without the route.
+                self.own_node(machine).await?;
+                return Err(Error::Other(format!(
+                    "this Slicer daemon cannot stop VM {} (POST /vm/{}/shutdown answers 404: {e})",
+                    machine.id, machine.id
+                )));
+            }
+            return Err(self.api.classify(&e));
+        }
+        let deadline = tokio::time::Instant::now() + STOP_WAIT;
+        loop {
+            tokio::time::sleep(POLL).await;
+            let node = self.own_node(machine).await?;
+            if is_stopped(&node) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Other(format!(
+                    "VM {} is still {} {STOP_WAIT:?} after POST /vm/{}/shutdown?action=reboot",
+                    machine.id,
+                    node.status.as_deref().unwrap_or("listed without a status"),
+                    machine.id
+                )));
+            }
+        }
+    }
+
+    /// Relaunches a stopped VM: it boots from its disk under the same hostname and tags, and
+    /// its kubelet registers the Node again.
+    async fn start(&self, machine: &MachineRef) -> Result<Machine> {
+        let node = self.own_node(machine).await?;
+        if !is_stopped(&node) {
+            return Ok(self.running(machine));
+        }
+        let Err(e) = self.api.relaunch(&machine.id).await else { return Ok(self.running(machine)) };
+        if e.may_have_acted() {
+            // The daemon may have relaunched it although its answer never came.
+            if !is_stopped(&self.own_node(machine).await?) {
+                return Ok(self.running(machine));
+            }
+        } else if e.status() == Some(404) {
+            self.own_node(machine).await?;
+            return Err(Error::Other(format!(
+                "this Slicer daemon cannot relaunch VM {} (POST /vm/{}/relaunch answers 404; daemons of \
+                 slicervm/sdk v0.0.35 and later can): {e}",
+                machine.id, machine.id
+            )));
+        }
+        Err(self.api.classify(&e))
+    }
+
     async fn shape(&self, group: &str) -> Result<Option<Shape>> {
         let g = self.group(group)?;
         let host_groups = self.api.host_groups().await.map_err(|e| self.api.classify(&e))?;
@@ -389,6 +484,12 @@ impl Driver for Slicer {
         }
         Ok(())
     }
+}
+
+/// A VM the daemon lists as stopped (a persistent VM after `shutdown`; daemons of SDK v0.0.19's
+/// time send no status and have no stopped VMs).
+fn is_stopped(node: &api::Node) -> bool {
+    node.status.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("stopped"))
 }
 
 fn missing_host_group(name: &str, host_groups: &[api::HostGroup]) -> Error {

@@ -3,7 +3,8 @@
 //! `[clouds.NAME]`: `url`, `allow_plain_http`, `token` (secret), `ca_file`, `request_timeout`,
 //! `k3s_url`, `k3s_token` (secret), `token_secret`, `capacity_errors`.
 //!
-//! `[groups.G.machine]`: `host_group`, `cpus`, `ram`, `gpu_count`, `persistent`, `ssh_keys`,
+//! `[groups.G.machine]`: `host_group`, `cpus`, `ram`, `gpu_count`, `persistent` (required by a
+//! warm pool), `ssh_keys`,
 //! `import_user`, `tags`, `userdata` (inline template) or `userdata_template` (file),
 //! `template_data`, `k3s_version`, `k3s_args`.
 
@@ -155,6 +156,8 @@ pub struct GroupSettings {
     pub ram_bytes: Option<u64>,
     pub gpu_count: Option<u32>,
     pub persistent: bool,
+    /// The group keeps a warm pool: its `Stopped` VMs are pool machines.
+    pub warm_pool: bool,
     pub ssh_keys: Vec<String>,
     pub import_user: Option<String>,
     /// Extra tags, besides Flotilla's own.
@@ -193,6 +196,16 @@ impl GroupSettings {
         }
         let gpu_count = s.integer::<u32>("gpu_count", p);
         let persistent = s.boolean("persistent", p).unwrap_or(false);
+        if group.warm_pool > 0 && !persistent {
+            p.push(
+                s.key_path("persistent"),
+                format!(
+                    "must be true for groups.{}.warm_pool: Slicer relaunches only a persistent VM (an ephemeral \
+                     one is gone once it stops)",
+                    group.name
+                ),
+            );
+        }
         let ssh_keys = s.string_list("ssh_keys", p);
         let import_user = s.string("import_user", p);
         let tags = s.string_list("tags", p);
@@ -282,6 +295,7 @@ impl GroupSettings {
             ram_bytes,
             gpu_count,
             persistent,
+            warm_pool: group.warm_pool > 0,
             ssh_keys,
             import_user,
             tags,

@@ -19,7 +19,14 @@
 //!   together) or `replace` (slicervm/sdk v0.0.66's `SlicerVMTagUpdate`): 200 `{hostname, tags}`,
 //!   404 for a VM that is not there, 400 for `replace` with `add` or `remove`. Not in the
 //!   OpenAPI yet, and not on daemons older than that SDK ([`Faults::tag_updates`]): those answer
-//!   as Go's router does for a route it does not have, `404 page not found` in plain text.
+//!   as Go's router does for a route it does not have, `404 page not found` in plain text;
+//! * `POST /vm/{hostname}/shutdown?action=reboot|shutdown` (the SDK's `Shutdown`, whose default
+//!   is `reboot`): on Firecracker a guest reboot ends the VMM, so a persistent VM is then listed
+//!   `Stopped` (after [`Faults::stop_delay`]) and an ephemeral one is gone; `shutdown` halts the
+//!   guest but leaves the VMM, so the VM stays `Running`. `POST /vm/{hostname}/relaunch` (SDK
+//!   v0.0.35 on, [`Faults::relaunch`]): a `Stopped` VM runs again under its hostname and tags
+//!   (200 with the create's answer), 409 for one that is not stopped, 404 for none. What the
+//!   daemon answers a stop with is not published; the SDK reads only the status.
 //!
 //! Every request is recorded and checked (auth, method, path, query, content type, body keys and
 //! types); anything unexpected becomes a problem that [`Fake::assert_clean`] fails on. Faults: a
@@ -99,6 +106,8 @@ pub struct Vm {
     pub body: Value,
     /// A DELETE for it is in flight.
     pub deleting: bool,
+    /// `Running` or `Stopped` (a persistent VM after `shutdown`).
+    pub status: String,
 }
 
 #[derive(Clone, Debug)]
@@ -148,6 +157,10 @@ pub struct Faults {
     pub old_daemon: bool,
     /// The daemon can change a VM's tags (`/vm/{hostname}/tags`, slicervm/sdk v0.0.66 on).
     pub tag_updates: bool,
+    /// The daemon can relaunch a stopped VM (`/vm/{hostname}/relaunch`, slicervm/sdk v0.0.35 on).
+    pub relaunch: bool,
+    /// A `shutdown` answers at once; the VM is listed `Stopped` this much later.
+    pub stop_delay: Duration,
     /// Faults for the next calls of (method, path), in order (see [`Fake::fault_next`]).
     pub armed: Vec<(String, String, CallFault)>,
     /// Requests with a wrong or missing token are part of the test (otherwise they are problems).
@@ -169,6 +182,8 @@ impl Default for Faults {
             create_status: 200,
             old_daemon: false,
             tag_updates: true,
+            relaunch: true,
+            stop_delay: Duration::ZERO,
             armed: Vec::new(),
             expect_unauthorized: false,
         }
@@ -288,6 +303,7 @@ impl State {
                 secrets,
                 body,
                 deleting: false,
+                status: "Running".into(),
             },
         );
         Some(hostname)
@@ -307,7 +323,7 @@ impl State {
         }
         if !self.faults.old_daemon {
             node["hostgroup"] = json!(v.host_group);
-            node["status"] = json!("Running");
+            node["status"] = json!(v.status);
             if v.persistent {
                 node["persistent"] = json!(true);
             }
@@ -447,6 +463,11 @@ enum Step {
         status: u16,
         answer: Value,
     },
+    /// A persistent VM stopping: listed `Stopped` after `delay`, answered at once.
+    Stopping {
+        delay: Duration,
+        hostname: String,
+    },
     /// A delete under way: the VM goes after `delay`, then the answer.
     Deleting {
         delay: Duration,
@@ -497,6 +518,18 @@ async fn answer(state: Arc<Mutex<State>>, step: Step) -> Response<Body> {
                     .unwrap();
             }
             reply(status, answer)
+        }
+        Step::Stopping { delay, hostname } => {
+            // The VMM ends on its own time; the daemon answers at once.
+            tokio::spawn(async move {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some(vm) = state.lock().unwrap().vms.get_mut(&hostname) {
+                    vm.status = "Stopped".into();
+                }
+            });
+            reply(200, json!({ "message": "shutdown requested" }))
         }
         Step::Deleting { delay, hostname } => {
             // The daemon finishes a delete it started even if the caller goes away.
@@ -566,6 +599,7 @@ fn route(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> Ste
     let allowed_query: &[&str] = match (method.as_str(), segments.as_slice()) {
         ("GET", ["hostgroup", _, "nodes"]) | ("GET", ["nodes"]) => &["tag", "tag_prefix"],
         ("POST", ["hostgroup", _, "nodes"]) => &["wait", "timeout"],
+        ("POST", ["vm", _, "shutdown"]) => &["action"],
         _ => &[],
     };
     if let Some((k, _)) = query.iter().find(|(k, _)| !allowed_query.contains(&k.as_str())) {
@@ -796,8 +830,52 @@ fn route(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> Ste
             };
             reply(200, json!({ "hostname": vm.hostname, "tags": vm.tags }))
         }
-        ("GET" | "PATCH", ["vm", _, "tags"]) => {
-            // A daemon from before tag changes: Go's router has no such route.
+        ("POST", ["vm", hostname, "shutdown"]) => {
+            let action = query.iter().find(|(k, _)| k == "action").map(|(_, v)| v.clone());
+            let Some(vm) = s.vms.get(*hostname).cloned() else {
+                return error(404, &format!("VM {hostname} not found"));
+            };
+            match action.as_deref() {
+                // Firecracker: a guest reboot ends the VMM, the graceful stop.
+                Some("reboot") => {}
+                // A guest power-off leaves Firecracker's VMM running: the VM stays Running.
+                Some("shutdown") => return reply(200, json!({ "message": "shutdown requested" })),
+                other => {
+                    s.problems.push(format!("POST {path}: action {other:?} (the SDK always sends one)"));
+                    return error(400, "action must be shutdown or reboot");
+                }
+            }
+            if vm.status == "Stopped" {
+                return reply(200, json!({ "message": "VM is already stopped" }));
+            }
+            let hostname = (*hostname).to_owned();
+            if vm.persistent {
+                Step::Stopping { delay: s.faults.stop_delay, hostname }
+            } else {
+                // An ephemeral VM is gone once its VMM ends.
+                s.vms.remove(&hostname);
+                reply(200, json!({ "message": "shutdown requested" }))
+            }
+        }
+        ("POST", ["vm", hostname, "relaunch"]) if s.faults.relaunch && !s.faults.old_daemon => {
+            let Some(vm) = s.vms.get_mut(*hostname) else {
+                return error(404, &format!("VM {hostname} not found"));
+            };
+            if vm.status != "Stopped" {
+                return error(409, &format!("VM {hostname} is not stopped"));
+            }
+            vm.status = "Running".into();
+            let vm = vm.clone();
+            reply(
+                200,
+                json!({
+                    "hostname": vm.hostname, "hostgroup": vm.host_group, "ip": vm.ip,
+                    "created_at": vm.created_at, "arch": vm.arch,
+                }),
+            )
+        }
+        ("POST", ["vm", _, "relaunch"]) | ("GET" | "PATCH", ["vm", _, "tags"]) => {
+            // A daemon from before the route: Go's router has no such route.
             Step::Reply(
                 Response::builder()
                     .status(StatusCode::NOT_FOUND)
