@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use fake::{CallFault, Fake, Kind};
 use flotilla::driver::kamatera::TAG_DELETING;
-use support::faults::{CALL_FAULTS, Cloud, CloudView, Fault, Op, SETTLE, Serve, scenario, settle};
+use support::faults::{
+    CALL_FAULTS, Cloud, CloudView, Fault, Op, SETTLE, Serve, increase_concurrently, scenario, settle,
+};
 
 /// Flotilla on the fake, group `workers` (max 5); timeouts short enough that a hung call ends
 /// in a second.
@@ -170,12 +172,7 @@ async fn kamatera_listings_that_fail_hang_or_lose_their_answer_change_nothing() 
 #[tokio::test]
 async fn a_hundred_concurrent_increases_never_pass_max_size_on_kamatera() {
     let (server, c, kam) = start().await;
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..100 {
-        let mut c = c.clone();
-        set.spawn(async move { support::increase(&mut c, "workers", 1).await.is_ok() });
-    }
-    let accepted = set.join_all().await.into_iter().filter(|ok| *ok).count();
+    let accepted = increase_concurrently(&c, "workers", 100).await;
     assert_eq!(accepted, 5);
     let settled = settle(&c, &["workers"], || kam.view(), SETTLE).await;
     assert_eq!(settled.count("workers"), 5);

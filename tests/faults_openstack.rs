@@ -14,7 +14,9 @@ use axum::http::Method;
 use fake::Fake;
 use flotilla::driver::openstack::{META_CLUSTER, META_DELETING, META_GROUP};
 use serde_json::json;
-use support::faults::{CALL_FAULTS, Cloud, CloudView, Fault, Op, SETTLE, Serve, cloud_reaches, scenario, settle};
+use support::faults::{
+    CALL_FAULTS, Cloud, CloudView, Fault, Op, SETTLE, Serve, cloud_reaches, increase_concurrently, scenario, settle,
+};
 
 const CLUSTER: &str = "dev-cluster";
 
@@ -34,13 +36,7 @@ request_timeout = "1s"
 create_timeout = "20s"
 delete_timeout = "10s"
 {cloud_extra}
-[clouds.os.auth]
-auth_url = "{auth_url}"
-username = "{user}"
-password = "{password}"
-user_domain_name = "{domain}"
-project_name = "{project}"
-[groups.workers]
+{auth}[groups.workers]
 cloud = "os"
 max_size = 5
 [groups.workers.machine]
@@ -48,11 +44,7 @@ flavor = "io.70GB"
 image = "fedora-coreos-36.20220522.3.0-openstack.x86_64.qcow2"
 networks = ["k3s-net"]
 "#,
-        auth_url = fake.auth_url(),
-        user = fake::USERNAME,
-        password = fake::PASSWORD,
-        domain = fake::USER_DOMAIN,
-        project = fake::PROJECT,
+        auth = fake.auth_table("os"),
     )
 }
 
@@ -150,12 +142,7 @@ async fn nova_listings_that_fail_hang_or_lose_their_answer_change_nothing() {
 #[tokio::test]
 async fn a_hundred_concurrent_increases_never_pass_max_size_on_nova() {
     let (server, c, nova) = start("").await;
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..100 {
-        let mut c = c.clone();
-        set.spawn(async move { support::increase(&mut c, "workers", 1).await.is_ok() });
-    }
-    let accepted = set.join_all().await.into_iter().filter(|ok| *ok).count();
+    let accepted = increase_concurrently(&c, "workers", 100).await;
     assert_eq!(accepted, 5);
     let settled = settle(&c, &["workers"], || nova.view(), SETTLE).await;
     assert_eq!(settled.count("workers"), 5);

@@ -11,7 +11,9 @@ mod support;
 use std::time::Duration;
 
 use fake::{Fake, FaultAction};
-use support::faults::{CALL_FAULTS, Cloud, CloudView, Fault, Op, SETTLE, Serve, cloud_reaches, scenario, settle};
+use support::faults::{
+    CALL_FAULTS, Cloud, CloudView, Fault, Op, SETTLE, Serve, cloud_reaches, increase_concurrently, scenario, settle,
+};
 
 /// Flotilla on the fake, group `workers` (max 5); core timeouts short enough that a hung PVE
 /// call (the driver's own request timeout is a minute) ends in a few seconds.
@@ -154,12 +156,7 @@ async fn pve_listings_that_fail_hang_or_lose_their_answer_change_nothing() {
 async fn a_hundred_concurrent_increases_never_pass_max_size_on_pve() {
     let dir = tempfile::tempdir().unwrap();
     let (server, c, pve) = start(dir.path()).await;
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..100 {
-        let mut c = c.clone();
-        set.spawn(async move { support::increase(&mut c, "workers", 1).await.is_ok() });
-    }
-    let accepted = set.join_all().await.into_iter().filter(|ok| *ok).count();
+    let accepted = increase_concurrently(&c, "workers", 100).await;
     assert_eq!(accepted, 5);
     let settled = settle(&c, &["workers"], || pve.view(), SETTLE).await;
     assert_eq!(settled.count("workers"), 5);

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use fake::{CallFault, Fake};
 use flotilla::driver::slicer::MARK_DELETING;
-use support::faults::{CALL_FAULTS, Cloud, CloudView, Fault, Op, SETTLE, Serve, cloud_reaches, scenario, settle};
+use support::faults::{
+    CALL_FAULTS, Cloud, CloudView, Fault, Op, SETTLE, Serve, cloud_reaches, increase_concurrently, scenario, settle,
+};
 
 /// Flotilla on the fake, group `workers` on host group `workers` (room for 8 VMs; max 5);
 /// timeouts short enough that a hung call ends in a second.
@@ -134,12 +136,7 @@ async fn a_hundred_concurrent_increases_never_pass_max_size_on_slicer() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon(fake_with_room().await);
     let (server, c) = support::start(&config_text(&daemon.0, dir.path(), "")).await;
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..100 {
-        let mut c = c.clone();
-        set.spawn(async move { support::increase(&mut c, "workers", 1).await.is_ok() });
-    }
-    let accepted = set.join_all().await.into_iter().filter(|ok| *ok).count();
+    let accepted = increase_concurrently(&c, "workers", 100).await;
     assert_eq!(accepted, 5);
     let settled = settle(&c, &["workers"], || daemon.view(), SETTLE).await;
     assert_eq!(settled.count("workers"), 5);

@@ -45,13 +45,7 @@ driver = "openstack"
 node_cleanup = {node_cleanup}
 region_name = "RegionOne"
 request_timeout = "2s"
-[clouds.os.auth]
-auth_url = "{auth_url}"
-username = "{user}"
-password = "{password}"
-user_domain_name = "{domain}"
-project_name = "{project}"
-[groups.workers]
+{auth}[groups.workers]
 cloud = "os"
 max_size = 5
 [groups.workers.machine]
@@ -60,11 +54,7 @@ image = "fedora-coreos-36.20220522.3.0-openstack.x86_64.qcow2"
 networks = ["k3s-net"]
 "#,
         kubeconfig = kubeconfig.display(),
-        auth_url = os.auth_url(),
-        user = os_fake::USERNAME,
-        password = os_fake::PASSWORD,
-        domain = os_fake::USER_DOMAIN,
-        project = os_fake::PROJECT,
+        auth = os.auth_table("os"),
     )
 }
 

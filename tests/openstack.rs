@@ -31,13 +31,7 @@ region_name = "RegionOne"
 page_size = 2
 request_timeout = "2s"
 {cloud_extra}
-[clouds.os.auth]
-auth_url = "{auth_url}"
-username = "{user}"
-password = "{password}"
-user_domain_name = "{domain}"
-project_name = "{project}"
-
+{auth}
 [groups.workers]
 cloud = "os"
 max_size = 5
@@ -45,11 +39,7 @@ max_size = 5
 [groups.workers.machine]
 {machine}
 "#,
-        auth_url = fake.auth_url(),
-        user = fake::USERNAME,
-        password = fake::PASSWORD,
-        domain = fake::USER_DOMAIN,
-        project = fake::PROJECT,
+        auth = fake.auth_table("os"),
     )
 }
 

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use flotilla::proto::externalgrpc::instance_status::InstanceState;
 
-use super::{Client, delete, eventually, nodes, refresh, target_size};
+use super::{Client, delete, eventually, increase, nodes, refresh, target_size};
 
 /// What the cloud really holds, read past Flotilla: provider id -> (group, state), for every
 /// machine of the cluster under test.
@@ -245,4 +245,16 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `calls` concurrent `NodeGroupIncreaseSize(group, 1)`, as many cluster-autoscaler loops at
+/// once; returns how many were accepted.
+pub async fn increase_concurrently(c: &Client, group: &str, calls: usize) -> usize {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..calls {
+        let mut c = c.clone();
+        let group = group.to_owned();
+        set.spawn(async move { increase(&mut c, &group, 1).await.is_ok() });
+    }
+    set.join_all().await.into_iter().filter(|ok| *ok).count()
 }

@@ -239,6 +239,16 @@ impl Fake {
         format!("{}/identity/v3", self.base)
     }
 
+    /// `[clouds.<cloud>.auth]` with this fake's user and project: the password credentials
+    /// every test configuration logs in with.
+    pub fn auth_table(&self, cloud: &str) -> String {
+        format!(
+            "[clouds.{cloud}.auth]\nauth_url = \"{}\"\nusername = \"{USERNAME}\"\npassword = \"{PASSWORD}\"\n\
+             user_domain_name = \"{USER_DOMAIN}\"\nproject_name = \"{PROJECT}\"\n",
+            self.auth_url()
+        )
+    }
+
     /// Keystone's unversioned URL, as DevStack's `openrc` and many `clouds.yaml` files give it.
     pub fn unversioned_auth_url(&self) -> String {
         format!("{}/identity", self.base)
