@@ -53,6 +53,9 @@
 //! Everything the fake does not expect is a problem that `assert_clean` fails on.
 #![allow(dead_code, reason = "each test uses a different subset of the fake's knobs")]
 
+#[path = "../serve.rs"]
+#[allow(clippy::duplicate_mod, reason = "each fake is also used alone, so each declares the shared helper")]
+mod loopback;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -470,16 +473,7 @@ impl Fake {
             );
         }
         let state = Arc::new(Mutex::new(state));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shared = Arc::clone(&state);
-        let app = axum::Router::new().fallback(move |req: Request<Body>| {
-            let state = Arc::clone(&shared);
-            async move { handle(state, req).await }
-        });
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let (addr, server) = loopback::serve(&state, handle).await;
         Fake { addr, state, server }
     }
 

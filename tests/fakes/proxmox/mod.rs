@@ -24,6 +24,9 @@
 //! error (a response lost after PVE acted). New kinds of fault go into [`FaultAction`].
 #![allow(dead_code, reason = "each test uses a different subset of the fake's knobs")]
 
+#[path = "../serve.rs"]
+#[allow(clippy::duplicate_mod, reason = "each fake is also used alone, so each declares the shared helper")]
+mod loopback;
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
@@ -401,16 +404,7 @@ impl Fake {
         state.add_template(9000, "pve1", 2, 4096);
         state.faults.task_duration = Duration::from_millis(30);
         let state = Arc::new(Mutex::new(state));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shared = Arc::clone(&state);
-        let app = axum::Router::new().fallback(move |req: Request<Body>| {
-            let state = Arc::clone(&shared);
-            async move { serve(state, req).await }
-        });
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let (addr, server) = loopback::serve(&state, serve).await;
         Fake { addr, state, server }
     }
 
