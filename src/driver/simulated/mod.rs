@@ -322,6 +322,18 @@ impl Simulated {
         store
     }
 
+    /// `machine`'s record in `store`, if it is this cluster's and group's: someone else's
+    /// machine is refused, never touched.
+    fn owned<'a>(&self, store: &'a mut Store, machine: &MachineRef) -> Result<&'a mut Record> {
+        match store.machines.get_mut(&machine.id) {
+            Some(r) if r.cluster == self.cluster && r.group == machine.group => Ok(r),
+            Some(_) => {
+                Err(Error::InvalidRequest(format!("machine {} is not owned by this cluster and group", machine.id)))
+            }
+            None => Err(Error::NotFound(format!("machine {}", machine.id))),
+        }
+    }
+
     fn persist(&self, store: &Store) {
         let Some(path) = &self.settings.state_file else { return };
         let text = serde_json::to_string_pretty(store).expect("plain data serializes");
@@ -520,16 +532,7 @@ impl Driver for Simulated {
         self.check_outage()?;
         {
             let mut store = self.current();
-            match store.machines.get_mut(&machine.id) {
-                Some(r) if r.cluster == self.cluster && r.group == machine.group => r.deleting = true,
-                Some(_) => {
-                    return Err(Error::InvalidRequest(format!(
-                        "machine {} is not owned by this cluster and group",
-                        machine.id
-                    )));
-                }
-                None => return Err(Error::NotFound(format!("machine {}", machine.id))),
-            }
+            self.owned(&mut store, machine)?.deleting = true;
             self.persist(&store);
         }
         match fault {
@@ -551,22 +554,12 @@ impl Driver for Simulated {
         }
         tokio::time::sleep(self.settings.delete_latency).await;
         self.check_outage()?;
-        let removed = {
+        {
             let mut store = self.current();
-            match store.machines.get(&machine.id) {
-                Some(r) if r.cluster == self.cluster && r.group == machine.group => {
-                    store.machines.remove(&machine.id);
-                    self.persist(&store);
-                    Ok(())
-                }
-                // Someone else's machine: refuse, never touch it.
-                Some(_) => {
-                    Err(Error::InvalidRequest(format!("machine {} is not owned by this cluster and group", machine.id)))
-                }
-                None => Err(Error::NotFound(format!("machine {}", machine.id))),
-            }
-        };
-        removed?;
+            self.owned(&mut store, machine)?;
+            store.machines.remove(&machine.id);
+            self.persist(&store);
+        }
         if let Some(registrar) = &self.registrar {
             // The machine is gone whatever happens here: a Node left behind is removed by the
             // next listing's sync.
@@ -596,16 +589,7 @@ impl Driver for Simulated {
         self.check_outage()?;
         {
             let mut store = self.current();
-            match store.machines.get_mut(&machine.id) {
-                Some(r) if r.cluster == self.cluster && r.group == machine.group => r.stopped = true,
-                Some(_) => {
-                    return Err(Error::InvalidRequest(format!(
-                        "machine {} is not owned by this cluster and group",
-                        machine.id
-                    )));
-                }
-                None => return Err(Error::NotFound(format!("machine {}", machine.id))),
-            }
+            self.owned(&mut store, machine)?.stopped = true;
             self.persist(&store);
         }
         match fault {
@@ -626,16 +610,7 @@ impl Driver for Simulated {
         self.check_outage()?;
         let started = {
             let mut store = self.current();
-            let record = match store.machines.get_mut(&machine.id) {
-                Some(r) if r.cluster == self.cluster && r.group == machine.group => r,
-                Some(_) => {
-                    return Err(Error::InvalidRequest(format!(
-                        "machine {} is not owned by this cluster and group",
-                        machine.id
-                    )));
-                }
-                None => return Err(Error::NotFound(format!("machine {}", machine.id))),
-            };
+            let record = self.owned(&mut store, machine)?;
             if record.failed {
                 return Err(Error::Other(format!("machine {} is broken and cannot start", machine.id)));
             }
