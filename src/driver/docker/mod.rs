@@ -400,18 +400,7 @@ impl Driver for DockerDriver {
         }
         let docker = self.engine.client().await?;
         let target = if id.is_empty() { name } else { id };
-        let found = match docker.inspect_container(target, None::<InspectContainerOptions>).await {
-            Ok(found) => found,
-            Err(e) if engine::status(&e) == Some(404) => return Err(Error::NotFound(format!("container {name}"))),
-            Err(e) => return Err(self.engine.error(&format!("inspect container {name}"), e)),
-        };
-        let labels = found.config.as_ref().and_then(|c| c.labels.as_ref());
-        if self.owner(labels) != Some(group.as_str()) {
-            return Err(Error::InvalidRequest(format!(
-                "container {name} ({target}) does not carry the labels of cluster {:?} group {group:?}; not deleting it",
-                self.cluster
-            )));
-        }
+        self.own_container(docker, machine, "deleting").await?;
         let grace = self.group(group).map(stop_seconds).unwrap_or(30);
         // The stop call blocks for up to the grace period: give it that on top of the timeout.
         let patient = docker.clone().with_timeout(docker.timeout() + std::time::Duration::from_secs(grace as u64));
