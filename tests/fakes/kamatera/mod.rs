@@ -601,24 +601,12 @@ fn gateway_timeout() -> Response<Body> {
 fn answer(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> Answer {
     let method = parts.method.as_str().to_owned();
     let path = parts.uri.path().to_owned();
-    let query: Vec<(String, String)> =
-        parts.uri.query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
+    let query = loopback::query(parts);
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     s.settle();
-    let body: Option<Value> = if bytes.is_empty() {
-        None
-    } else {
-        if header("content-type").as_deref() != Some("application/json") {
-            // Laravel reads a body as JSON only with this content type.
-            s.problems.push(format!("{method} {path}: a body without Content-Type: application/json"));
-        }
-        match serde_json::from_slice(bytes) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                s.problems.push(format!("{method} {path}: body is not JSON: {e}"));
-                return Answer::Now(exception("post"));
-            }
-        }
+    // Laravel reads a body as JSON only with its content type.
+    let Ok(body) = loopback::json_body(parts, bytes, &mut s.problems) else {
+        return Answer::Now(exception("post"));
     };
     let (id_header, secret_header) = (header("authclientid"), header("authsecret"));
     if id_header.is_none() || secret_header.is_none() {

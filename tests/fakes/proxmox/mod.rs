@@ -527,8 +527,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Body>, check_only: bool) 
     let (parts, body) = req.into_parts();
     let method = parts.method.as_str().to_owned();
     let full_path = parts.uri.path().to_owned();
-    let query: Vec<(String, String)> =
-        parts.uri.query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
+    let query = loopback::query(&parts);
     let bytes = to_bytes(body, 1 << 20).await.unwrap_or_default();
     let form: Vec<(String, String)> = form_urlencoded::parse(&bytes).into_owned().collect();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);

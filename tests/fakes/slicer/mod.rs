@@ -545,22 +545,11 @@ fn route(s: &mut State, parts: &axum::http::request::Parts, bytes: &[u8]) -> Ste
     let reply = |status: u16, body: Value| Step::Reply(reply(status, body));
     let method = parts.method.as_str().to_owned();
     let path = parts.uri.path().to_owned();
-    let query: Vec<(String, String)> =
-        parts.uri.query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
+    let query = loopback::query(parts);
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let json_body: Option<Value> = if bytes.is_empty() {
-        None
-    } else {
-        if header("content-type").as_deref() != Some("application/json") {
-            s.problems.push(format!("{method} {path}: a body without Content-Type: application/json"));
-        }
-        match serde_json::from_slice(bytes) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                s.problems.push(format!("{method} {path}: body is not JSON: {e}"));
-                return error(400, &format!("invalid request body: {e}"));
-            }
-        }
+    let json_body = match loopback::json_body(parts, bytes, &mut s.problems) {
+        Ok(body) => body,
+        Err(e) => return error(400, &format!("invalid request body: {e}")),
     };
     if path == "/healthz" {
         return reply(200, json!({ "status": "ok" }));
